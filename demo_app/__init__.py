@@ -1,0 +1,1 @@
+"""The sessionscope demo application."""

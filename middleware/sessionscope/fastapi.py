@@ -1,0 +1,68 @@
+"""FastAPI dependencies for the request session (needs the ``sessionscope[fastapi]`` extra).
+
+``DBSession`` and ``AsyncDBSession`` are ``Annotated`` types: a route parameter declared with
+one receives the very object at ``request.state.<state_key>``. ``get_session(name)`` returns
+the dependency for a database added with ``DBSessionMiddleware(..., name=name)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any
+
+from fastapi import Depends
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
+from starlette.requests import HTTPConnection
+
+from .errors import SessionNotAvailableError
+from .request_state import RequestState
+
+SessionDependency = Callable[[HTTPConnection], Coroutine[Any, Any, Any]]
+
+
+def get_session(name: str | None = None, *, kind: type[Any] | None = None) -> SessionDependency:
+    """The dependency that returns the request session of database ``name``.
+
+    With ``name=None``: the only database, or the one named ``"default"``. ``kind``
+    (``Session`` or ``AsyncSession``) makes a mismatch a clear error instead of a confusing one
+    at the first query. The dependency is a coroutine function so that FastAPI calls it on the
+    event loop: it costs no threadpool hop.
+    """
+
+    async def request_session(request: HTTPConnection) -> Any:
+        state = request.scope.get("state")
+        if not isinstance(state, RequestState) or not state.names:
+            raise SessionNotAvailableError(
+                f"no DBSessionMiddleware handles {request.url.path!r}: add it with "
+                "app.add_middleware(DBSessionMiddleware, engine=...) or remove the path from "
+                "its exclude_paths."
+            )
+        wanted = name
+        if wanted is None:
+            wanted = next(iter(state.names)) if len(state.names) == 1 else "default"
+        key = state.names.get(wanted)
+        if key is None:
+            raise SessionNotAvailableError(
+                f"no DBSessionMiddleware named {wanted!r}; this request has "
+                f"{sorted(state.names)}. Pass name= to get_session()."
+            )
+        session = state[key]
+        if kind is not None and not isinstance(session, kind):
+            raise SessionNotAvailableError(
+                f"the route asks for a {kind.__name__} but database {wanted!r} gives "
+                f"{type(session).__name__}; use "
+                f"{'AsyncDBSession' if isinstance(session, AsyncSession) else 'DBSession'}."
+            )
+        return session
+
+    return request_session
+
+
+DBSession = Annotated[Session, Depends(get_session(kind=Session))]
+"""A route parameter that receives the request's sync ``Session``."""
+
+AsyncDBSession = Annotated[AsyncSession, Depends(get_session(kind=AsyncSession))]
+"""A route parameter that receives the request's ``AsyncSession``."""
+
+__all__ = ["AsyncDBSession", "DBSession", "get_session"]

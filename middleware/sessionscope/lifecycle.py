@@ -1,0 +1,292 @@
+"""The life of one request's session: created, decided, closed.
+
+Every state a request session goes through, and every commit or rollback, is in this module:
+
+* **created** lazily, the first time the request asks for it (``request.state.<key>``);
+  creating it checks out no connection.
+* **decided** when the application sends ``http.response.start``, before that message is
+  forwarded: ``commit_on(status)`` commits, anything else rolls back. A failed commit rolls
+  back and replaces the response with a complete ``500``.
+* **late**: after the decision the session stays usable until the application returns
+  (streaming bodies, background tasks); what it does then runs in a new transaction that is
+  rolled back at close unless the application commits it itself.
+* **closed** when the application returns, raises or is cancelled. Cleanup is shielded from
+  cancellation; cleanup errors are reported, never raised over the application's own error.
+
+Sync and async sessions share this code; :class:`~sessionscope.session_calls.SessionCalls`
+decides how each call runs.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+from dataclasses import dataclass
+from time import perf_counter
+from typing import TYPE_CHECKING, Any, Final
+
+import anyio
+from sqlalchemy import event
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.orm import Session
+
+from . import outcome as oc
+from .errors import SessionClosedError
+from .policy import CommitPolicy, rollback_reason
+from .request_state import RequestState
+from .responses import error_response
+from .session_calls import SessionCalls
+from .source import AnySession, SessionSource
+from .statements import StatementTally
+
+if TYPE_CHECKING:
+    from starlette.types import Message, Scope, Send
+
+    from .reporting import Reporter
+
+_CLOSED_BY: Final = "sessionscope.closed_by"
+
+
+class Phase(enum.IntEnum):
+    """Where a request session is in its life."""
+
+    RUNNING = 0
+    """The application has not started its response; nothing is decided."""
+    DECIDED = 1
+    """``http.response.start`` was seen; the request transaction is committed or rolled back."""
+    CLOSED = 2
+    """The application returned; the session is closed and must not be used again."""
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSettings:
+    """What every request of one middleware shares (immutable, built at construction)."""
+
+    name: str
+    state_key: str
+    source: SessionSource
+    commit_on: CommitPolicy
+    calls: SessionCalls
+    reporter: Reporter
+    create_lock: threading.Lock
+
+    def install_guard(self) -> None:
+        """Make sessions from this source refuse to start a transaction once closed."""
+        target: Any = self.source.factory
+        if self.source.is_async:
+            target = target.kw.get("sync_session_class") or target.class_.sync_session_class
+        if not event.contains(target, "after_transaction_create", _refuse_if_closed):
+            event.listen(target, "after_transaction_create", _refuse_if_closed)
+
+
+class RequestSession:
+    """One HTTP request's session and the decisions made about it."""
+
+    __slots__ = (
+        "_send",
+        "closed_at",
+        "opened_at",
+        "outcome",
+        "phase",
+        "reason",
+        "replaced",
+        "scope",
+        "session",
+        "settings",
+        "state",
+        "status",
+        "tally",
+    )
+
+    def __init__(
+        self, settings: SessionSettings, scope: Scope, state: RequestState, send: Send
+    ) -> None:
+        self.settings = settings
+        self.scope = scope
+        self.state = state
+        self._send = send
+        self.session: AnySession | None = None
+        self.phase = Phase.RUNNING
+        self.status: int | None = None
+        self.outcome: str | None = None
+        self.reason: str | None = None
+        self.replaced = False
+        self.opened_at = 0.0
+        self.closed_at = 0.0
+        self.tally = StatementTally(settings.source.pool)
+
+    # -- created -------------------------------------------------------------------------
+
+    def open(self) -> AnySession:
+        """The request's session, created on first call (from any thread)."""
+        with self.settings.create_lock:
+            if self.session is None:
+                if self.phase is Phase.CLOSED:
+                    raise self._closed_error("requested")
+                session = self.settings.source.new_session()
+                self.opened_at = perf_counter()
+                self.session = session
+                self.state.remember(self.settings.state_key, session)
+                self.settings.reporter.opened(self)
+        return self.session
+
+    # -- decided ---------------------------------------------------------------------------
+
+    async def send(self, message: Message) -> None:
+        """The ``send`` the application sees: decides at ``http.response.start``."""
+        if self.phase is Phase.RUNNING and message["type"] == "http.response.start":
+            self.status = status = message["status"]
+            committed = self.session is None or await self._decide(status)
+            self.phase = Phase.DECIDED
+            self.tally.late = True
+            if not committed:
+                self.replaced = True
+                await self._send_all(error_response(500))
+                return
+        elif self.replaced:
+            return
+        await self._send(message)
+
+    async def _decide(self, status: int) -> bool:
+        """Commit or roll back for ``status``; ``False`` if the commit failed."""
+        sync = self._sync_session()
+        if not self.settings.commit_on(status):
+            self.outcome, self.reason = oc.ROLLBACK, rollback_reason(status)
+            if sync.in_transaction():
+                await self._rollback(self.reason)
+            else:
+                self.outcome = oc.UNUSED
+            return True
+        if not sync.in_transaction():
+            self.outcome = oc.UNUSED
+            return True
+        started = perf_counter()
+        try:
+            with anyio.CancelScope(shield=True):
+                await self._call("commit")
+        except Exception as exc:
+            self.outcome, self.reason = oc.ROLLBACK, oc.COMMIT_ERROR
+            self.settings.reporter.failed(self, oc.PHASE_COMMIT, exc)
+            await self._rollback(oc.COMMIT_ERROR)
+            return False
+        self.outcome = oc.COMMIT
+        self.settings.reporter.committed(self, perf_counter() - started)
+        return True
+
+    async def _rollback(self, reason: str) -> None:
+        with anyio.CancelScope(shield=True):
+            try:
+                await self._call("rollback")
+            except Exception as exc:
+                self.settings.reporter.failed(self, oc.PHASE_ROLLBACK, exc)
+                await self._discard()
+                return
+        self.settings.reporter.rolled_back(self, reason)
+
+    # -- closed ----------------------------------------------------------------------------
+
+    async def finish(self, exc: BaseException | None) -> None:
+        """End the request: roll back what is undecided or late, close, report. Never raises."""
+        session = self.session
+        if session is None:
+            self.phase = Phase.CLOSED
+            return
+        with anyio.CancelScope(shield=True):
+            sync = self._sync_session()
+            reason: str | None = None
+            if sync.in_transaction():
+                if self.phase is Phase.RUNNING:
+                    reason = _undecided_reason(exc)
+                    self.outcome, self.reason = oc.ROLLBACK, reason
+                elif self._wrote_late(sync):
+                    reason = oc.LATE_WRITE
+                    self.settings.reporter.late_write(self)
+                    if self.outcome in (None, oc.UNUSED):
+                        self.outcome, self.reason = oc.ROLLBACK, reason
+            elif self.phase is Phase.RUNNING:
+                self.outcome = oc.UNUSED
+            self.phase = Phase.CLOSED
+            sync.info[_CLOSED_BY] = self
+            try:
+                if sync.in_transaction():
+                    # close() rolls back the transaction and returns its connection: one call.
+                    await self._call("close")
+                else:
+                    sync.close()  # no transaction, no I/O: no thread hop, no greenlet
+            except Exception as exc_close:
+                self.settings.reporter.failed(self, oc.PHASE_CLOSE, exc_close)
+                await self._discard()
+            else:
+                if reason is not None:
+                    self.settings.reporter.rolled_back(self, reason)
+            self.closed_at = perf_counter()
+            self.settings.reporter.closed(self)
+
+    async def respond_unavailable(self, exc: PoolTimeoutError) -> None:
+        """Answer ``503`` with ``Retry-After`` for a pool timeout before the response started."""
+        self.settings.reporter.pool_timeout(self, exc)
+        self.phase = Phase.DECIDED
+        self.status = 503
+        await self._send_all(error_response(503))
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    @property
+    def started(self) -> bool:
+        """Whether the client was sent (or is being sent) a response start."""
+        return self.phase is not Phase.RUNNING
+
+    @property
+    def duration(self) -> float:
+        """Seconds from creation to close (or to now, while open)."""
+        end = self.closed_at or perf_counter()
+        return end - self.opened_at
+
+    def _sync_session(self) -> Session:
+        session = self.session
+        assert session is not None
+        return session if isinstance(session, Session) else session.sync_session
+
+    def _holds_connection(self) -> bool:
+        transaction = self._sync_session().get_transaction()
+        return transaction is not None and bool(getattr(transaction, "_connections", True))
+
+    async def _call(self, method: str) -> None:
+        session = self.session
+        assert session is not None
+        await self.settings.calls.call(session, method, holds_connection=self._holds_connection())
+
+    def _wrote_late(self, sync: Session) -> bool:
+        return bool(self.tally.late_writes or sync.new or sync.dirty or sync.deleted)
+
+    async def _discard(self) -> None:
+        """Last resort after a failed rollback/close: invalidate, so no connection stays out."""
+        try:
+            await self._call("invalidate")
+        except Exception as exc:
+            self.settings.reporter.failed(self, oc.PHASE_CLOSE, exc)
+
+    async def _send_all(self, messages: list[Message]) -> None:
+        for message in messages:
+            await self._send(message)
+
+    def _closed_error(self, verb: str) -> SessionClosedError:
+        self.settings.reporter.used_after_close(self)
+        return SessionClosedError(
+            f"the request session {self.settings.state_key!r} of database "
+            f"{self.settings.name!r} was {verb} after its request finished; "
+            "work that outlives the request must open its own session, "
+            "e.g. `with session_scope(engine) as session:`"
+        )
+
+
+def _undecided_reason(exc: BaseException | None) -> str:
+    if exc is not None and isinstance(exc, anyio.get_cancelled_exc_class()):
+        return oc.CANCELLED
+    return oc.EXCEPTION
+
+
+def _refuse_if_closed(session: Session, transaction: Any) -> None:
+    closed_by: RequestSession | None = session.info.get(_CLOSED_BY)
+    if closed_by is not None and transaction.parent is None:
+        raise closed_by._closed_error("used")

@@ -1,0 +1,161 @@
+"""``DBSessionMiddleware``: one SQLAlchemy session per HTTP request, decided before the status."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from typing import Any
+
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
+from sqlalchemy.orm import sessionmaker
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from . import statements
+from .errors import ConfigurationError
+from .lifecycle import RequestSession, SessionSettings
+from .policy import CommitPolicy, commit_below_400
+from .reporting import Reporter
+from .request_state import RequestState
+from .session_calls import SessionCalls
+from .source import resolve_source
+
+_OWNER = "DBSessionMiddleware"
+
+
+class DBSessionMiddleware:
+    """Give every HTTP request its own SQLAlchemy session at ``request.state.<state_key>``.
+
+    The session is created the first time the request asks for it and holds no connection
+    until it runs a statement. When the application sends ``http.response.start`` and before
+    that message is forwarded, ``commit_on(status)`` decides: commit, or roll back. A commit
+    that fails is rolled back and the client gets a complete ``500`` instead. An exception or
+    a cancellation before the response started rolls back. The session is closed when the
+    application returns; cleanup cannot be interrupted by cancellation.
+
+    Args:
+        app: the ASGI application to wrap.
+        engine: a sync ``Engine`` (requests get ``Session``) or an ``AsyncEngine``
+            (requests get ``AsyncSession``).
+        sessionmaker: a ``sessionmaker`` to create sessions with, instead of ``engine``.
+        async_sessionmaker: an ``async_sessionmaker``, instead of ``engine``.
+        name: the database's name, for ``get_session(name)``, logs and metrics.
+        state_key: the attribute of ``request.state`` the session is found at.
+        commit_on: which final statuses commit (default: below 400).
+        exclude_paths: exact paths that get no session at all (``/metrics``, ``/healthz``).
+        closed_log_level: level of the one ``db_session.closed`` event per session.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        engine: Engine | AsyncEngine | None = None,
+        sessionmaker: sessionmaker[Any] | None = None,
+        async_sessionmaker: async_sessionmaker[Any] | None = None,
+        name: str = "default",
+        state_key: str = "db",
+        commit_on: CommitPolicy = commit_below_400,
+        exclude_paths: Iterable[str] = (),
+        closed_log_level: str = "debug",
+    ) -> None:
+        source = resolve_source(
+            engine=engine,
+            sessionmaker_=sessionmaker,
+            async_sessionmaker_=async_sessionmaker,
+            owner=_OWNER,
+        )
+        if not callable(commit_on):
+            raise ConfigurationError(
+                f"{_OWNER}: commit_on must be a function of the status code returning True to "
+                f"commit (e.g. `lambda status: status < 400`), not {commit_on!r}."
+            )
+        for label, value in (("name", name), ("state_key", state_key)):
+            if not isinstance(value, str) or not value.isidentifier():
+                raise ConfigurationError(
+                    f"{_OWNER}: {label} must be a Python identifier, got {value!r}."
+                )
+        if isinstance(exclude_paths, str):
+            raise ConfigurationError(
+                f"{_OWNER}: exclude_paths must be a collection of paths, "
+                f"e.g. ({exclude_paths!r},), not a single string."
+            )
+        excluded = frozenset(exclude_paths)
+        if not all(isinstance(p, str) and p.startswith("/") for p in excluded):
+            raise ConfigurationError(
+                f"{_OWNER}: exclude_paths must be exact paths starting with '/', "
+                f"got {sorted(map(repr, excluded))}."
+            )
+        if closed_log_level not in ("debug", "info", "warning", "error"):
+            raise ConfigurationError(
+                f"{_OWNER}: closed_log_level must be 'debug', 'info', 'warning' or 'error', "
+                f"got {closed_log_level!r}."
+            )
+        _refuse_duplicates(app, name=name, state_key=state_key)
+        self.app = app
+        self.name = name
+        self.state_key = state_key
+        self.exclude_paths = excluded
+        self.settings = SessionSettings(
+            name=name,
+            state_key=state_key,
+            source=source,
+            commit_on=commit_on,
+            calls=SessionCalls(is_async=source.is_async, name=name),
+            reporter=Reporter(name=name, closed_level=closed_log_level),
+            create_lock=threading.Lock(),
+        )
+        self.settings.install_guard()
+        if source.engine is not None:
+            statements.install(source.engine)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.exclude_paths:
+            await self.app(scope, receive, send)
+            return
+        state = RequestState.of(scope)
+        rs = RequestSession(self.settings, scope, state, send)
+        if not state.provide(self.name, self.state_key, rs.open):
+            raise ConfigurationError(
+                f"{_OWNER}(name={self.name!r}): request.state.{self.state_key} is already "
+                "taken (by another DBSessionMiddleware or the lifespan state); give each "
+                "database its own state_key."
+            )
+        rs.tally.activate()
+        try:
+            await self.app(scope, receive, rs.send)
+        except PoolTimeoutError as exc:
+            if rs.started:
+                await rs.finish(exc)
+                raise
+            await rs.finish(exc)
+            await rs.respond_unavailable(exc)
+        except BaseException as exc:
+            await rs.finish(exc)
+            raise
+        else:
+            await rs.finish(None)
+        finally:
+            rs.tally.deactivate()
+
+
+def _refuse_duplicates(app: ASGIApp, *, name: str, state_key: str) -> None:
+    """Fail when a DBSessionMiddleware further in uses the same name or state key."""
+    inner: Any = app
+    for _ in range(64):
+        if isinstance(inner, DBSessionMiddleware):
+            for label, mine, theirs in (
+                ("state_key", state_key, inner.state_key),
+                ("name", name, inner.name),
+            ):
+                if mine == theirs:
+                    raise ConfigurationError(
+                        f"{_OWNER} was added twice with {label}={mine!r}; each database "
+                        "needs its own name and state_key, e.g. "
+                        "add_middleware(DBSessionMiddleware, engine=replica, "
+                        "name='replica', state_key='replica_db')."
+                    )
+        inner = getattr(inner, "app", None)
+        if inner is None:
+            return

@@ -1,0 +1,30 @@
+"""The closed vocabularies a finished session is described with (log fields and metric labels)."""
+
+from __future__ import annotations
+
+from typing import Final
+
+COMMIT: Final = "commit"
+ROLLBACK: Final = "rollback"
+UNUSED: Final = "unused"
+OUTCOMES: Final = (COMMIT, ROLLBACK, UNUSED)
+
+# Rollback reasons besides the status classes from ``policy.rollback_reason``.
+EXCEPTION: Final = "exception"
+CANCELLED: Final = "cancelled"
+COMMIT_ERROR: Final = "commit_error"
+LATE_WRITE: Final = "late_write"
+ROLLBACK_REASONS: Final = (
+    "status_4xx",
+    "status_5xx",
+    EXCEPTION,
+    CANCELLED,
+    COMMIT_ERROR,
+    LATE_WRITE,
+)
+
+# Phases in which a session operation can fail.
+PHASE_COMMIT: Final = "commit"
+PHASE_ROLLBACK: Final = "rollback"
+PHASE_CLOSE: Final = "close"
+PHASES: Final = (PHASE_COMMIT, PHASE_ROLLBACK, PHASE_CLOSE)

@@ -1,0 +1,73 @@
+"""``scope["state"]`` for one request: request sessions are created on first access.
+
+``request.state.db`` reads ``scope["state"]["db"]``. To create the session only when a route
+asks for it, the middleware replaces ``scope["state"]`` with a :class:`RequestState`: a copy of
+the incoming state whose missing keys may be provided by a session factory. Values the
+application sets are written through to the original dict as well, so an outer middleware
+holding the original still sees them; the sessions themselves stay in the copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, MutableMapping
+from typing import Any
+
+
+class RequestState(dict[str, Any]):
+    """A request's state dict that creates registered values on first access."""
+
+    __slots__ = ("_factories", "_origin", "names")
+
+    def __init__(self, origin: MutableMapping[str, Any] | None) -> None:
+        super().__init__(origin or ())
+        self._origin = origin
+        self._factories: dict[str, Callable[[], Any]] = {}
+        self.names: dict[str, str] = {}
+        """Database name -> state key, for every middleware that handles this request."""
+
+    @classmethod
+    def of(cls, scope: MutableMapping[str, Any]) -> RequestState:
+        """The scope's ``RequestState``, installing one if the scope has a plain dict."""
+        state = scope.get("state")
+        if type(state) is cls:
+            return state
+        installed = cls(state)
+        scope["state"] = installed
+        return installed
+
+    def provide(self, name: str, key: str, factory: Callable[[], Any]) -> bool:
+        """Serve ``key`` from ``factory`` on first access; ``False`` if ``key`` is taken."""
+        if key in self._factories or dict.__contains__(self, key):
+            return False
+        self._factories[key] = factory
+        self.names[name] = key
+        return True
+
+    def __missing__(self, key: str) -> Any:
+        factory = self._factories.get(key)
+        if factory is None:
+            raise KeyError(key)
+        return factory()
+
+    def get(self, key: str, default: Any = None) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+    def __contains__(self, key: object) -> bool:
+        return dict.__contains__(self, key) or key in self._factories
+
+    def remember(self, key: str, value: Any) -> None:
+        """Store a created value in this request's state only (never in the origin)."""
+        dict.__setitem__(self, key, value)
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        dict.__setitem__(self, key, value)
+        if self._origin is not None:
+            self._origin[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        dict.__delitem__(self, key)
+        if self._origin is not None and key in self._origin:
+            del self._origin[key]

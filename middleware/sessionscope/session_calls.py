@@ -1,0 +1,52 @@
+"""One way to run a session's I/O, whether the session is sync or async.
+
+Async sessions are awaited. Sync sessions never block the event loop: their commit, rollback
+and close run in a worker thread. Finalizing a session that already holds a connection never
+waits for the pool, so those calls get their own thread lane: they must not queue behind
+request threads that are themselves blocked on a pool checkout that only a finished request
+can satisfy (the threadpool/pool deadlock). A call that may need a checkout (a commit that
+still has to flush) uses the application's ordinary threadpool, like any endpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
+
+import anyio
+import anyio.to_thread
+from anyio.lowlevel import RunVar
+
+from .source import AnySession
+
+FINALIZER_THREADS = 40
+"""Worker threads reserved for finalizing sync sessions that hold a connection."""
+
+
+class SessionCalls:
+    """Runs ``commit``/``rollback``/``close``/``invalidate`` of request sessions."""
+
+    __slots__ = ("_is_async", "_lane")
+
+    def __init__(self, *, is_async: bool, name: str) -> None:
+        self._is_async = is_async
+        # One lane per event loop: a CapacityLimiter belongs to the loop that made it.
+        self._lane: RunVar[anyio.CapacityLimiter] = RunVar(f"sessionscope_lane_{name}")
+
+    async def call(self, session: AnySession, method: str, *, holds_connection: bool) -> None:
+        """Run ``session.<method>()`` without blocking the event loop."""
+        bound = getattr(session, method)
+        if self._is_async:
+            await cast(Callable[[], Awaitable[Any]], bound)()
+        elif holds_connection:
+            await anyio.to_thread.run_sync(bound, limiter=self._lane_limiter())
+        else:
+            await anyio.to_thread.run_sync(bound)
+
+    def _lane_limiter(self) -> anyio.CapacityLimiter:
+        try:
+            return self._lane.get()
+        except LookupError:
+            limiter = anyio.CapacityLimiter(FINALIZER_THREADS)
+            self._lane.set(limiter)
+            return limiter

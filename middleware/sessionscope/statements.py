@@ -1,0 +1,84 @@
+"""Counting the statements a request runs, through one engine listener and a ContextVar.
+
+The listener is installed once per engine. Each request that passes through a
+``DBSessionMiddleware`` makes its :class:`StatementTally` current; sync endpoints (run in the
+threadpool with a copy of the context) and async drivers (greenlets that copy the context)
+see the same tally object, so their increments land where the middleware reads them.
+"""
+
+from __future__ import annotations
+
+import re
+from contextvars import ContextVar, Token
+from typing import Any, Final
+
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.pool import Pool
+
+_CURRENT: Final[ContextVar[StatementTally | None]] = ContextVar(
+    "sessionscope_statement_tally", default=None
+)
+_WRITE_PREFIX: Final = re.compile(
+    r"\s*(INSERT|UPDATE|DELETE|MERGE|UPSERT|REPLACE|CREATE|DROP|ALTER|TRUNCATE|COPY)\b",
+    re.IGNORECASE,
+)
+
+
+class StatementTally:
+    """Statements one request ran on one engine, and writes run after the commit decision."""
+
+    __slots__ = ("_token", "late", "late_writes", "parent", "pool", "statements")
+
+    def __init__(self, pool: Pool | None) -> None:
+        self.pool = pool
+        self.statements = 0
+        self.late = False
+        self.late_writes = 0
+        self.parent: StatementTally | None = None
+        self._token: Token[StatementTally | None] | None = None
+
+    def activate(self) -> None:
+        """Make this tally current for the calling context (and the tasks it starts)."""
+        self.parent = _CURRENT.get()
+        self._token = _CURRENT.set(self)
+
+    def deactivate(self) -> None:
+        """Restore the tally that was current before :meth:`activate`."""
+        if self._token is not None:
+            _CURRENT.reset(self._token)
+            self._token = None
+
+
+def install(engine: Engine) -> None:
+    """Listen for statements on ``engine``; idempotent."""
+    if not event.contains(engine, "before_cursor_execute", _on_statement):
+        event.listen(engine, "before_cursor_execute", _on_statement)
+
+
+def _on_statement(
+    conn: Connection,
+    cursor: Any,
+    statement: str,
+    parameters: Any,
+    context: Any,
+    executemany: bool,
+) -> None:
+    tally = _CURRENT.get()
+    if tally is None:
+        return
+    pool = conn.engine.pool
+    while tally.pool is not pool:
+        parent = tally.parent
+        if parent is None:
+            return
+        tally = parent
+    tally.statements += 1
+    if tally.late and _is_write(statement, context):
+        tally.late_writes += 1
+
+
+def _is_write(statement: str, context: Any) -> bool:
+    if context is not None and (context.isinsert or context.isupdate or context.isdelete):
+        return True
+    return _WRITE_PREFIX.match(statement) is not None
