@@ -1,0 +1,160 @@
+"""Prometheus metric families from the catalogue, and per-database children resolved once.
+
+``Metrics.on(registry, namespace)`` returns the one set of families for that registry and
+namespace, so several middlewares (one per database) share them. ``Metrics.for_db(name)``
+resolves the label children of one database once; per-route children are resolved on a route's
+first request and cached, up to ``max_routes`` distinct routes, after which new routes are
+folded into ``__other__``. Nothing on the request path calls ``.labels()`` more than once per
+route and database.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Final
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+
+from . import catalogue as cat
+from . import outcome as oc
+
+OTHER_ROUTE: Final = "__other__"
+"""The route label of routes beyond the cap on distinct routes."""
+DEFAULT_MAX_ROUTES: Final = 500
+_CACHE_ATTRIBUTE: Final = "_sessionscope_metrics"
+
+Family = Counter | Gauge | Histogram
+
+
+class Metrics:
+    """The metric families of one namespace on one registry."""
+
+    def __init__(self, registry: CollectorRegistry, namespace: str) -> None:
+        self.registry = registry
+        self.namespace = namespace
+        self._families: dict[str, Family] = {
+            m.name: _family(m, namespace, registry) for m in cat.CATALOGUE
+        }
+        self._dbs: dict[str, DbMetrics] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def on(
+        cls, registry: CollectorRegistry | None = None, namespace: str = cat.DEFAULT_NAMESPACE
+    ) -> Metrics:
+        """The shared families for ``registry`` (default: prometheus_client's) and ``namespace``."""
+        registry = REGISTRY if registry is None else registry
+        # Kept on the registry itself: the families live exactly as long as the registry.
+        cache: dict[str, Metrics] = registry.__dict__.setdefault(_CACHE_ATTRIBUTE, {})
+        metrics = cache.get(namespace)
+        if metrics is None:
+            metrics = cache[namespace] = cls(registry, namespace)
+        return metrics
+
+    def __getitem__(self, metric: cat.Metric) -> Any:
+        return self._families[metric.name]
+
+    def for_db(self, db: str, *, max_routes: int = DEFAULT_MAX_ROUTES) -> DbMetrics:
+        """Children of database ``db``, created once."""
+        with self._lock:
+            found = self._dbs.get(db)
+            if found is None:
+                found = self._dbs[db] = DbMetrics(self, db, max_routes)
+            return found
+
+
+class RouteMetrics:
+    """The per-route children of one database."""
+
+    __slots__ = (
+        "closed",
+        "held",
+        "leaks_detected",
+        "leaks_resolved",
+        "statements",
+        "use_after_close",
+    )
+
+    def __init__(self, metrics: Metrics, db: str, route: str) -> None:
+        closed = metrics[cat.SESSIONS_CLOSED]
+        self.closed = {o: closed.labels(db, route, o) for o in oc.OUTCOMES}
+        self.held = metrics[cat.SESSION_HELD].labels(db, route)
+        self.statements = metrics[cat.STATEMENTS].labels(db, route)
+        self.leaks_detected = metrics[cat.SESSION_LEAKS_DETECTED].labels(db, route)
+        self.leaks_resolved = metrics[cat.SESSION_LEAKS_RESOLVED].labels(db, route)
+        self.use_after_close = metrics[cat.SESSION_USE_AFTER_CLOSE].labels(db, route)
+
+
+class DbMetrics:
+    """Children of one database (label ``db``), resolved once, routes on first sight."""
+
+    def __init__(self, metrics: Metrics, db: str, max_routes: int) -> None:
+        self.metrics = metrics
+        self.db = db
+        self.max_routes = max_routes
+        self.open = metrics[cat.SESSIONS_OPEN].labels(db)
+        duration = metrics[cat.SESSION_DURATION]
+        self.duration = {o: duration.labels(db, o) for o in oc.OUTCOMES}
+        rollbacks = metrics[cat.SESSION_ROLLBACKS]
+        self.rollbacks = {r: rollbacks.labels(db, r) for r in oc.ROLLBACK_REASONS}
+        self.commit_duration = metrics[cat.SESSION_COMMIT_DURATION].labels(db)
+        self.statements_per_session = metrics[cat.SESSION_STATEMENTS].labels(db)
+        errors = metrics[cat.SESSION_ERRORS]
+        self.errors = {(p, t): errors.labels(db, p, t) for p in oc.PHASES for t in cat.ERROR_TYPES}
+        self.leak_suspected = metrics[cat.SESSIONS_LEAK_SUSPECTED].labels(db)
+        self.oldest_age = metrics[cat.SESSION_OLDEST_AGE].labels(db)
+        self.gc_unclosed = metrics[cat.SESSIONS_GC_UNCLOSED].labels(db)
+        self.leak_threshold = metrics[cat.LEAK_THRESHOLD].labels(db)
+        self._routes: dict[str, RouteMetrics] = {}
+        self._lock = threading.Lock()
+
+    def route(self, route: str) -> RouteMetrics:
+        """The children of ``route``; beyond ``max_routes`` distinct routes, ``__other__``."""
+        found = self._routes.get(route)
+        if found is not None:
+            return found
+        with self._lock:
+            found = self._routes.get(route)
+            if found is None:
+                if len(self._routes) >= self.max_routes:
+                    route = OTHER_ROUTE
+                    found = self._routes.get(route)
+                if found is None:
+                    found = self._routes[route] = RouteMetrics(self.metrics, self.db, route)
+            return found
+
+    def rollback(self, reason: str) -> None:
+        """Count a rollback; unknown reasons (a custom commit_on's status class) are created."""
+        child = self.rollbacks.get(reason)
+        if child is None:
+            child = self.rollbacks[reason] = self.metrics[cat.SESSION_ROLLBACKS].labels(
+                self.db, reason
+            )
+        child.inc()
+
+    def error(self, phase: str, exc: BaseException) -> None:
+        """Count an error of ``phase`` under its bounded ``error_type``."""
+        self.errors[(phase, error_type(exc))].inc()
+
+
+def error_type(exc: BaseException) -> str:
+    """The class name of ``exc`` or of its nearest base in the closed list; else ``other``."""
+    for klass in type(exc).__mro__:
+        if klass.__name__ in _ERROR_TYPES:
+            return klass.__name__
+    return "other"
+
+
+_ERROR_TYPES: Final = frozenset(cat.ERROR_TYPES)
+
+
+def _family(metric: cat.Metric, namespace: str, registry: CollectorRegistry) -> Family:
+    labels = metric.all_labels
+    name = f"{namespace}_{metric.name}"
+    if metric.kind == "counter":
+        return Counter(name, metric.help, labels, registry=registry)
+    if metric.kind == "gauge":
+        return Gauge(
+            name, metric.help, labels, registry=registry, multiprocess_mode=metric.multiprocess_mode
+        )
+    return Histogram(name, metric.help, labels, registry=registry, buckets=metric.buckets)
