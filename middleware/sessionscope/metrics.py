@@ -11,7 +11,7 @@ route and database.
 from __future__ import annotations
 
 import threading
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
@@ -155,6 +155,10 @@ def _family(metric: cat.Metric, namespace: str, registry: CollectorRegistry) -> 
         return Counter(name, metric.help, labels, registry=registry)
     if metric.kind == "gauge":
         return Gauge(
-            name, metric.help, labels, registry=registry, multiprocess_mode=metric.multiprocess_mode
+            name,
+            metric.help,
+            labels,
+            registry=registry,
+            multiprocess_mode=cast(Any, metric.multiprocess_mode),
         )
     return Histogram(name, metric.help, labels, registry=registry, buckets=metric.buckets)
