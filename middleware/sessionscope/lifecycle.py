@@ -90,6 +90,7 @@ class RequestSession:
         "phase",
         "reason",
         "replaced",
+        "request_id",
         "scope",
         "session",
         "settings",
@@ -111,6 +112,7 @@ class RequestSession:
         self.outcome: str | None = None
         self.reason: str | None = None
         self.replaced = False
+        self.request_id: str | None = None
         self.opened_at = 0.0
         self.closed_at = 0.0
         self.tally = StatementTally(settings.source.pool)
@@ -247,14 +249,17 @@ class RequestSession:
         assert session is not None
         return session if isinstance(session, Session) else session.sync_session
 
-    def _holds_connection(self) -> bool:
+    def holds_connection(self) -> bool:
+        """Whether the session's transaction has checked out a connection."""
+        if self.session is None:
+            return False
         transaction = self._sync_session().get_transaction()
         return transaction is not None and bool(getattr(transaction, "_connections", True))
 
     async def _call(self, method: str) -> None:
         session = self.session
         assert session is not None
-        await self.settings.calls.call(session, method, holds_connection=self._holds_connection())
+        await self.settings.calls.call(session, method, holds_connection=self.holds_connection())
 
     def _wrote_late(self, sync: Session) -> bool:
         return bool(self.tally.late_writes or sync.new or sync.dirty or sync.deleted)

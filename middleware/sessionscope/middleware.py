@@ -6,6 +6,7 @@ import threading
 from collections.abc import Iterable
 from typing import Any
 
+from prometheus_client import CollectorRegistry
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
@@ -13,10 +14,13 @@ from sqlalchemy.orm import sessionmaker
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import statements
+from .catalogue import DEFAULT_NAMESPACE
 from .errors import ConfigurationError
+from .leaks import LeakRegistry
 from .lifecycle import RequestSession, SessionSettings
+from .metrics import DEFAULT_MAX_ROUTES, Metrics
 from .policy import CommitPolicy, commit_below_400
-from .reporting import Reporter
+from .reporting import LEVELS, Reporter
 from .request_state import RequestState
 from .session_calls import SessionCalls
 from .source import resolve_source
@@ -44,7 +48,16 @@ class DBSessionMiddleware:
         state_key: the attribute of ``request.state`` the session is found at.
         commit_on: which final statuses commit (default: below 400).
         exclude_paths: exact paths that get no session at all (``/metrics``, ``/healthz``).
-        closed_log_level: level of the one ``db_session.closed`` event per session.
+        metrics: export Prometheus metrics (see the README's metric list).
+        registry: the ``CollectorRegistry`` to register them on (default: the global one).
+        namespace: the metric name prefix (``db`` gives ``db_sessions_open``).
+        max_routes: distinct ``route`` label values before new routes count as ``__other__``.
+        leak_threshold: seconds after which an open session is reported as a suspected leak;
+            ``None`` turns leak detection off.
+        leak_exempt_routes: route templates whose sessions may stay open (streaming exports,
+            server-sent events); never reported as leaks.
+        closed_log_level: level of the one ``db_session.closed`` event per session
+            (``"debug"``, ``"info"``, ``"warning"``, ``"error"``), or ``None`` for none.
     """
 
     def __init__(
@@ -58,7 +71,13 @@ class DBSessionMiddleware:
         state_key: str = "db",
         commit_on: CommitPolicy = commit_below_400,
         exclude_paths: Iterable[str] = (),
-        closed_log_level: str = "debug",
+        metrics: bool = True,
+        registry: CollectorRegistry | None = None,
+        namespace: str = DEFAULT_NAMESPACE,
+        max_routes: int = DEFAULT_MAX_ROUTES,
+        leak_threshold: float | None = 60.0,
+        leak_exempt_routes: Iterable[str] = (),
+        closed_log_level: str | None = "debug",
     ) -> None:
         source = resolve_source(
             engine=engine,
@@ -87,23 +106,52 @@ class DBSessionMiddleware:
                 f"{_OWNER}: exclude_paths must be exact paths starting with '/', "
                 f"got {sorted(map(repr, excluded))}."
             )
-        if closed_log_level not in ("debug", "info", "warning", "error"):
+        if closed_log_level is not None and closed_log_level not in LEVELS:
             raise ConfigurationError(
-                f"{_OWNER}: closed_log_level must be 'debug', 'info', 'warning' or 'error', "
+                f"{_OWNER}: closed_log_level must be one of {sorted(LEVELS)} or None, "
                 f"got {closed_log_level!r}."
+            )
+        if leak_threshold is not None and not (
+            isinstance(leak_threshold, int | float) and leak_threshold > 0
+        ):
+            raise ConfigurationError(
+                f"{_OWNER}: leak_threshold must be a positive number of seconds or None "
+                f"(detection off), got {leak_threshold!r}."
+            )
+        if isinstance(leak_exempt_routes, str):
+            raise ConfigurationError(
+                f"{_OWNER}: leak_exempt_routes must be a collection of route templates, "
+                f"e.g. ({leak_exempt_routes!r},), not a single string."
+            )
+        if not isinstance(max_routes, int) or max_routes < 1:
+            raise ConfigurationError(
+                f"{_OWNER}: max_routes must be a positive integer, got {max_routes!r}."
             )
         _refuse_duplicates(app, name=name, state_key=state_key)
         self.app = app
         self.name = name
         self.state_key = state_key
         self.exclude_paths = excluded
+        db_metrics = (
+            Metrics.on(registry, namespace).for_db(name, max_routes=max_routes) if metrics else None
+        )
+        reporter = Reporter(name=name, closed_level=closed_log_level, metrics=db_metrics)
+        if leak_threshold is not None:
+            reporter.leaks = LeakRegistry(
+                threshold=float(leak_threshold),
+                exempt_routes=frozenset(leak_exempt_routes),
+                on_suspect=reporter.leak_suspected,
+                on_sweep=reporter.swept,
+            )
+        if db_metrics is not None:
+            db_metrics.leak_threshold.set(leak_threshold or 0)
         self.settings = SessionSettings(
             name=name,
             state_key=state_key,
             source=source,
             commit_on=commit_on,
             calls=SessionCalls(is_async=source.is_async, name=name),
-            reporter=Reporter(name=name, closed_level=closed_log_level),
+            reporter=reporter,
             create_lock=threading.Lock(),
         )
         self.settings.install_guard()

@@ -1,9 +1,16 @@
-"""Structured log events for request sessions (structlog; the library never configures it)."""
+"""What happens to request sessions, as structlog events and Prometheus metrics.
+
+The library never configures logging: it logs through ``structlog.get_logger("sessionscope")``
+with explicit keys. One canonical ``db_session.closed`` event per session (its level is the
+middleware's ``closed_log_level``, debug by default, or none), warnings for late writes, use
+after close and suspected leaks, errors for failed commits and cleanups. SQL parameters and
+connection URLs are never logged.
+"""
 
 from __future__ import annotations
 
 import traceback
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import structlog
 
@@ -12,45 +19,65 @@ from .request_context import correlation_id_source, request_id, route_template
 if TYPE_CHECKING:
     from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
+    from .leaks import LeakRegistry, Suspect
     from .lifecycle import RequestSession
+    from .metrics import DbMetrics
 
-LOGGER_NAME = "sessionscope"
+LOGGER_NAME: Final = "sessionscope"
+LEVELS: Final = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 
 
 class Reporter:
-    """Turns what happens to request sessions into log events.
+    """Turns lifecycle events of one middleware's sessions into logs and metrics."""
 
-    One ``db_session.closed`` event per session (the canonical line, at ``closed_level``),
-    warnings for late writes and use after close, errors for failed commits, rollbacks and
-    closes and for pool timeouts.
-    """
-
-    def __init__(self, *, name: str, closed_level: str = "debug") -> None:
+    def __init__(
+        self,
+        *,
+        name: str,
+        closed_level: str | None = "debug",
+        metrics: DbMetrics | None = None,
+        leaks: LeakRegistry | None = None,
+    ) -> None:
         self.name = name
+        self.metrics = metrics
+        self.leaks = leaks
         self._log: Any = structlog.get_logger(LOGGER_NAME)
-        self._closed_level = closed_level
+        self._closed_level = None if closed_level is None else LEVELS[closed_level]
         self._correlation = correlation_id_source()
 
-    def _fields(self, rs: RequestSession) -> dict[str, Any]:
+    def fields(self, rs: RequestSession) -> dict[str, Any]:
+        """The keys every event about ``rs`` carries."""
         scope = rs.scope
+        if rs.request_id is None:
+            rs.request_id = request_id(scope, self._correlation)
         return {
             "db": self.name,
             "route": route_template(scope),
             "method": scope.get("method"),
-            "request_id": request_id(scope, self._correlation),
+            "request_id": rs.request_id,
         }
 
     def opened(self, rs: RequestSession) -> None:
         """A request created its session."""
+        if self.metrics is not None:
+            self.metrics.open.inc()
+        if self.leaks is not None:
+            self.leaks.add(rs)
 
     def committed(self, rs: RequestSession, seconds: float) -> None:
         """The request transaction committed in ``seconds``."""
+        if self.metrics is not None:
+            self.metrics.commit_duration.observe(seconds)
 
     def rolled_back(self, rs: RequestSession, reason: str) -> None:
         """A transaction of the request was rolled back for ``reason``."""
+        if self.metrics is not None:
+            self.metrics.rollback(reason)
 
     def failed(self, rs: RequestSession, phase: str, exc: BaseException) -> None:
-        """``commit``, ``rollback`` or ``close`` raised ``exc``; it is logged, never raised."""
+        """``commit``, ``rollback`` or ``close`` raised ``exc``: logged and counted, not raised."""
+        if self.metrics is not None:
+            self.metrics.error(phase, exc)
         event = "db_session.commit_failed" if phase == "commit" else "db_session.cleanup_failed"
         self._log.error(
             event,
@@ -58,46 +85,91 @@ class Reporter:
             error_type=type(exc).__name__,
             status=rs.status,
             exc_info=exc,
-            **self._fields(rs),
+            **self.fields(rs),
         )
 
     def late_write(self, rs: RequestSession) -> None:
-        """Writes made after the commit decision were never committed by the app."""
+        """Writes made after the commit decision were not committed by the app."""
         self._log.warning(
             "db_session.late_write",
             status=rs.status,
             detail="writes made after the response started were not committed and are "
-            "rolled back; commit them explicitly or use a session of their own",
-            **self._fields(rs),
+            "rolled back; commit them explicitly or give that work a session of its own",
+            **self.fields(rs),
         )
 
     def used_after_close(self, rs: RequestSession) -> None:
         """The session was used after its request finished."""
-        self._log.warning(
-            "db_session.use_after_close",
-            where=_caller_stack(),
-            **self._fields(rs),
-        )
+        if self.metrics is not None:
+            self.metrics.route(route_template(rs.scope)).use_after_close.inc()
+        self._log.warning("db_session.use_after_close", where=_caller_stack(), **self.fields(rs))
 
     def pool_timeout(self, rs: RequestSession, exc: PoolTimeoutError) -> None:
-        """A pool checkout timed out before the response started."""
-        self._log.error("db_session.pool_timeout", error=str(exc), status=503, **self._fields(rs))
-
-    def closed(self, rs: RequestSession) -> None:
-        """The session is closed; emit the canonical event."""
-        self._log.log(
-            _LEVELS[self._closed_level],
-            "db_session.closed",
-            status=rs.status,
-            outcome=rs.outcome,
-            reason=rs.reason,
-            duration_s=round(rs.duration, 6),
-            statements=rs.tally.statements,
-            **self._fields(rs),
+        """A pool checkout timed out before the response started: the client gets 503."""
+        self._log.warning(
+            "db_session.pool_timeout", status=503, error_type="TimeoutError", **self.fields(rs)
         )
 
+    def leak_suspected(self, suspect: Suspect) -> None:
+        """A session crossed the leak threshold (called from the sweep thread)."""
+        rs = suspect.entry.rs
+        if self.metrics is not None:
+            self.metrics.route(suspect.route).leaks_detected.inc()
+        session = rs.session
+        sync = getattr(session, "sync_session", session)
+        self._log.warning(
+            "db_session.leak_suspected",
+            age_s=round(suspect.age, 3),
+            in_transaction=bool(sync is not None and sync.in_transaction()),
+            holds_connection=rs.holds_connection(),
+            stack=suspect.stack,
+            **self.fields(rs),
+        )
 
-_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+    def swept(self, over_threshold: int, oldest_age: float) -> None:
+        """Gauges after a sweep."""
+        if self.metrics is not None:
+            self.metrics.leak_suspected.set(over_threshold)
+            self.metrics.oldest_age.set(oldest_age)
+
+    def closed(self, rs: RequestSession) -> None:
+        """The session is closed: count it, resolve a reported leak, emit the canonical event."""
+        duration = rs.duration
+        metrics = self.metrics
+        route = route_template(rs.scope)
+        if metrics is not None:
+            outcome = rs.outcome or "unused"
+            per_route = metrics.route(route)
+            per_route.closed[outcome].inc()
+            per_route.held.inc(duration)
+            per_route.statements.inc(rs.tally.statements)
+            metrics.duration[outcome].observe(duration)
+            metrics.statements_per_session.observe(rs.tally.statements)
+            metrics.open.dec()
+        if self.leaks is not None:
+            entry = self.leaks.remove(rs)
+            if entry is not None and entry.flagged:
+                if metrics is not None:
+                    metrics.route(route).leaks_resolved.inc()
+                self._log.info(
+                    "db_session.leak_resolved", held_s=round(duration, 3), **self.fields(rs)
+                )
+        level = self._closed_level
+        if level is not None and self._enabled(level):
+            self._log.log(
+                level,
+                "db_session.closed",
+                status=rs.status,
+                outcome=rs.outcome,
+                reason=rs.reason,
+                duration_s=round(duration, 6),
+                statements=rs.tally.statements,
+                **self.fields(rs),
+            )
+
+    def _enabled(self, level: int) -> bool:
+        is_enabled_for = getattr(self._log, "is_enabled_for", None)
+        return True if is_enabled_for is None else bool(is_enabled_for(level))
 
 
 def _caller_stack(limit: int = 8) -> str:
