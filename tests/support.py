@@ -106,7 +106,7 @@ class Backend:
         return [entry[0] for entry in self.log]
 
     async def run(self, session: Session | AsyncSession, fn: Callable[[Session], Any]) -> Any:
-        """Run ``fn(sync_session)`` the way an app would: awaited for async, in a thread for sync."""
+        """Run ``fn(sync_session)`` as an app would: awaited if async, in a thread if sync."""
         if isinstance(session, AsyncSession):
             return await session.run_sync(fn)
         return await anyio.to_thread.run_sync(fn, session)
@@ -201,7 +201,9 @@ class Exchange:
 
     @property
     def body(self) -> bytes:
-        return b"".join(m.get("body", b"") for m in self.messages if m["type"] == "http.response.body")
+        return b"".join(
+            m.get("body", b"") for m in self.messages if m["type"] == "http.response.body"
+        )
 
     @property
     def headers(self) -> dict[str, str]:
@@ -220,7 +222,9 @@ class Exchange:
         assert not bodies[-1].get("more_body", False), self.messages
 
 
-def http_scope(path: str = "/", method: str = "GET", headers: Sequence[tuple[bytes, bytes]] = ()) -> dict[str, Any]:
+def http_scope(
+    path: str = "/", method: str = "GET", headers: Sequence[tuple[bytes, bytes]] = ()
+) -> dict[str, Any]:
     return {
         "type": "http",
         "asgi": {"version": "3.0", "spec_version": "2.4"},

@@ -11,13 +11,13 @@ import threading
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 import sqlalchemy as sa
+from sessionscope import DBSessionMiddleware, SessionClosedError
 from structlog.testing import capture_logs
 
-from sessionscope import DBSessionMiddleware, SessionClosedError
-
-from .support import Backend, Exchange, children, items, parents, request
+from .support import Backend, Exchange, children, items, request
 
 pytestmark = pytest.mark.anyio
 
@@ -85,7 +85,9 @@ async def test_commit_failure_becomes_a_complete_500_and_drops_the_apps_messages
     async def app(scope: Any, receive: Any, send: Any) -> None:
         session = scope["state"]["db"]
         # A child row pointing at no parent: the deferred foreign key fails only at COMMIT.
-        await backend.run(session, lambda s: s.execute(children.insert().values(id=1, parent_id=99)))
+        await backend.run(
+            session, lambda s: s.execute(children.insert().values(id=1, parent_id=99))
+        )
         await send({"type": "http.response.start", "status": 200, "headers": [(b"x-app", b"1")]})
         await send({"type": "http.response.body", "body": b'{"ok":', "more_body": True})
         await send({"type": "http.response.body", "body": b"1}"})
@@ -335,7 +337,7 @@ async def test_cleanup_after_cancellation_is_shielded_and_completes(backend: Bac
         tg.start_soon(request, mw)
         await inserted.wait()
         tg.cancel_scope.cancel()
-        await anyio.sleep(0)
+        await anyio.lowlevel.checkpoint()
         tg.cancel_scope.cancel()
     assert backend.checkedout() == 0
     assert backend.names() == []
@@ -405,7 +407,9 @@ async def test_excluded_paths_get_no_session(backend: Backend) -> None:
         await send({"type": "http.response.start", "status": 200})
         await send({"type": "http.response.body"})
 
-    ex = await request(DBSessionMiddleware(app, engine=backend.engine, exclude_paths={"/metrics"}), "/metrics")
+    ex = await request(
+        DBSessionMiddleware(app, engine=backend.engine, exclude_paths={"/metrics"}), "/metrics"
+    )
     assert ex.status == 200
 
 

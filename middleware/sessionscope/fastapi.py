@@ -47,7 +47,7 @@ def get_session(name: str | None = None, *, kind: type[Any] | None = None) -> Se
                 f"no DBSessionMiddleware named {wanted!r}; this request has "
                 f"{sorted(state.names)}. Pass name= to get_session()."
             )
-        session = state[key]
+        session = await state.open(key)
         if kind is not None and not isinstance(session, kind):
             raise SessionNotAvailableError(
                 f"the route asks for a {kind.__name__} but database {wanted!r} gives "

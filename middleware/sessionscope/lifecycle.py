@@ -36,6 +36,7 @@ from .policy import CommitPolicy, rollback_reason
 from .request_state import RequestState
 from .responses import error_response
 from .session_calls import SessionCalls
+from .slots import SessionSlots
 from .source import AnySession, SessionSource
 from .statements import StatementTally
 
@@ -69,6 +70,7 @@ class SessionSettings:
     calls: SessionCalls
     reporter: Reporter
     create_lock: threading.Lock
+    slots: SessionSlots | None
 
     def install_guard(self) -> None:
         """Make sessions from this source refuse to start a transaction once closed."""
@@ -94,6 +96,7 @@ class RequestSession:
         "scope",
         "session",
         "settings",
+        "slot",
         "state",
         "status",
         "tally",
@@ -107,6 +110,7 @@ class RequestSession:
         self.state = state
         self._send = send
         self.session: AnySession | None = None
+        self.slot: anyio.Semaphore | None = None
         self.phase = Phase.RUNNING
         self.status: int | None = None
         self.outcome: str | None = None
@@ -132,6 +136,26 @@ class RequestSession:
                 self.settings.reporter.opened(self)
         return self.session
 
+    async def open_async(self) -> AnySession:
+        """The request's session, first waiting on the loop for a pool slot (sync engines)."""
+        slots = self.settings.slots
+        if self.session is None and slots is not None and self.slot is None and not self.started:
+            reporter = self.settings.reporter
+            reporter.waiting(+1)
+            try:
+                self.slot = await slots.acquire()
+            except PoolTimeoutError:
+                reporter.slot_timeout()
+                raise
+            finally:
+                reporter.waiting(-1)
+        return self.open()
+
+    def _release_slot(self) -> None:
+        slot, self.slot = self.slot, None
+        if slot is not None:
+            slot.release()
+
     # -- decided ---------------------------------------------------------------------------
 
     async def send(self, message: Message) -> None:
@@ -141,6 +165,7 @@ class RequestSession:
             committed = self.session is None or await self._decide(status)
             self.phase = Phase.DECIDED
             self.tally.late = True
+            self._release_slot()
             if not committed:
                 self.replaced = True
                 await self._send_all(error_response(500))
@@ -190,6 +215,7 @@ class RequestSession:
     async def finish(self, exc: BaseException | None) -> None:
         """End the request: roll back what is undecided or late, close, report. Never raises."""
         session = self.session
+        self._release_slot()
         if session is None:
             self.phase = Phase.CLOSED
             return

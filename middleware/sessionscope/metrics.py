@@ -105,6 +105,8 @@ class DbMetrics:
         self.oldest_age = metrics[cat.SESSION_OLDEST_AGE].labels(db)
         self.gc_unclosed = metrics[cat.SESSIONS_GC_UNCLOSED].labels(db)
         self.leak_threshold = metrics[cat.LEAK_THRESHOLD].labels(db)
+        self.pool_pending = metrics[cat.POOL_PENDING].labels(db)
+        self.pool_timeouts = metrics[cat.POOL_TIMEOUTS].labels(db)
         self._routes: dict[str, RouteMetrics] = {}
         self._lock = threading.Lock()
 

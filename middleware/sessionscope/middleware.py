@@ -23,6 +23,7 @@ from .policy import CommitPolicy, commit_below_400
 from .reporting import LEVELS, Reporter
 from .request_state import RequestState
 from .session_calls import SessionCalls
+from .slots import SessionSlots
 from .source import resolve_source
 
 _OWNER = "DBSessionMiddleware"
@@ -153,6 +154,11 @@ class DBSessionMiddleware:
             calls=SessionCalls(is_async=source.is_async, name=name),
             reporter=reporter,
             create_lock=threading.Lock(),
+            slots=(
+                SessionSlots.for_engine(source.engine, name)
+                if source.engine is not None and not source.is_async
+                else None
+            ),
         )
         self.settings.install_guard()
         if source.engine is not None:
@@ -164,7 +170,7 @@ class DBSessionMiddleware:
             return
         state = RequestState.of(scope)
         rs = RequestSession(self.settings, scope, state, send)
-        if not state.provide(self.name, self.state_key, rs.open):
+        if not state.provide(self.name, self.state_key, rs.open, rs.open_async):
             raise ConfigurationError(
                 f"{_OWNER}(name={self.name!r}): request.state.{self.state_key} is already "
                 "taken (by another DBSessionMiddleware or the lifespan state); give each "

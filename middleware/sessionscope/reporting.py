@@ -110,6 +110,16 @@ class Reporter:
             "db_session.pool_timeout", status=503, error_type="TimeoutError", **self.fields(rs)
         )
 
+    def waiting(self, delta: int) -> None:
+        """A request started (+1) or stopped (-1) waiting for a pool slot."""
+        if self.metrics is not None:
+            self.metrics.pool_pending.inc(delta)
+
+    def slot_timeout(self) -> None:
+        """A request waited the whole pool timeout for a slot."""
+        if self.metrics is not None:
+            self.metrics.pool_timeouts.inc()
+
     def leak_suspected(self, suspect: Suspect) -> None:
         """A session crossed the leak threshold (called from the sweep thread)."""
         rs = suspect.entry.rs

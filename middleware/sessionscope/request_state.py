@@ -9,19 +9,20 @@ holding the original still sees them; the sessions themselves stay in the copy.
 
 from __future__ import annotations
 
-from collections.abc import Callable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 
 class RequestState(dict[str, Any]):
     """A request's state dict that creates registered values on first access."""
 
-    __slots__ = ("_factories", "_origin", "names")
+    __slots__ = ("_factories", "_openers", "_origin", "names")
 
     def __init__(self, origin: MutableMapping[str, Any] | None) -> None:
         super().__init__(origin or ())
         self._origin = origin
         self._factories: dict[str, Callable[[], Any]] = {}
+        self._openers: dict[str, Callable[[], Awaitable[Any]]] = {}
         self.names: dict[str, str] = {}
         """Database name -> state key, for every middleware that handles this request."""
 
@@ -35,13 +36,32 @@ class RequestState(dict[str, Any]):
         scope["state"] = installed
         return installed
 
-    def provide(self, name: str, key: str, factory: Callable[[], Any]) -> bool:
-        """Serve ``key`` from ``factory`` on first access; ``False`` if ``key`` is taken."""
+    def provide(
+        self,
+        name: str,
+        key: str,
+        factory: Callable[[], Any],
+        opener: Callable[[], Awaitable[Any]],
+    ) -> bool:
+        """Serve ``key`` from ``factory`` on first access; ``False`` if ``key`` is taken.
+
+        ``opener`` is the awaitable way to the same value, for callers on the event loop.
+        """
         if key in self._factories or dict.__contains__(self, key):
             return False
         self._factories[key] = factory
+        self._openers[key] = opener
         self.names[name] = key
         return True
+
+    async def open(self, key: str) -> Any:
+        """The value of ``key``, created through its awaitable opener if not created yet."""
+        if dict.__contains__(self, key):
+            return dict.__getitem__(self, key)
+        opener = self._openers.get(key)
+        if opener is None:
+            return self[key]
+        return await opener()
 
     def __missing__(self, key: str) -> Any:
         factory = self._factories.get(key)

@@ -1,0 +1,57 @@
+"""More concurrent requests than the pool has connections: all complete, nothing waits out
+the pool timeout, no connection is left checked out (the threadpool/pool deadlock)."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+
+from .apps import items_app
+from .support import BACKENDS, Backend, make_backend
+
+pytestmark = pytest.mark.anyio
+
+REQUESTS = 200
+POOL_TIMEOUT = 20.0
+
+
+@pytest.fixture(params=BACKENDS)
+async def default_pool_backend(
+    request: pytest.FixtureRequest, tmp_path: Any
+) -> AsyncIterator[Backend]:
+    """SQLAlchemy's default pool (5 + 10 overflow) with a known timeout."""
+    db = make_backend(request.param, tmp_path, pool_timeout=POOL_TIMEOUT)
+    try:
+        yield db
+        assert db.checkedout() == 0
+    finally:
+        await db.dispose()
+
+
+async def test_200_concurrent_requests_on_the_default_pool_all_complete_without_pool_waits(
+    default_pool_backend: Backend,
+) -> None:
+    backend = default_pool_backend
+    app = items_app(backend)
+    statuses: dict[str, int] = {}
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    started = time.monotonic()
+    async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=60) as c:
+
+        async def one(i: int) -> None:
+            path = f"/items/ok-{i}" if i % 2 == 0 else f"/conflict/no-{i}"
+            statuses[path] = (await c.post(path)).status_code
+
+        async with anyio.create_task_group() as tg:
+            for i in range(REQUESTS):
+                tg.start_soon(one, i)
+    elapsed = time.monotonic() - started
+    assert Counter(statuses.values()) == {201: REQUESTS // 2, 409: REQUESTS // 2}
+    assert backend.names() == sorted(f"ok-{i}" for i in range(0, REQUESTS, 2))
+    assert elapsed < POOL_TIMEOUT, f"requests waited for the pool timeout ({elapsed:.1f}s)"
