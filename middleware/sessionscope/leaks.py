@@ -15,9 +15,10 @@ import sys
 import threading
 import traceback
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from time import perf_counter
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from .request_context import route_template
@@ -138,12 +139,24 @@ def _sweep_forever(ref: weakref.ref[LeakRegistry], stop: threading.Event, interv
 
 
 def _stack_of(entry: OpenSession) -> str:
-    """The current stack of the task or thread holding the session."""
-    if entry.task is not None and not entry.task.done():
-        frames: Iterable[Any] = entry.task.get_stack(limit=20)
-        summary = traceback.StackSummary.extract((frame, frame.f_lineno) for frame in frames)
-        return "".join(summary.format())
-    frame = sys._current_frames().get(entry.thread_id)
-    if frame is None:
-        return ""
-    return "".join(traceback.format_stack(frame, limit=20))
+    """Where the session is held now: the request task's await chain and, for sync sessions,
+    the current stack of the thread that ran its latest statement."""
+    parts: list[str] = []
+    task = entry.task
+    if task is not None and not task.done():
+        frames: list[FrameType] = []
+        awaited: Any = task.get_coro()
+        while awaited is not None:
+            frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "gi_frame", None)
+            if frame is not None:
+                frames.append(frame)
+            awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
+        summary = traceback.StackSummary.extract((f, f.f_lineno) for f in frames[-20:])
+        parts.append("task " + task.get_name() + ":\n" + "".join(summary.format()))
+    thread_id = entry.rs.tally.thread
+    if thread_id and (task is None or thread_id != entry.thread_id):
+        frame = sys._current_frames().get(thread_id)
+        if frame is not None:
+            stack = "".join(traceback.format_stack(frame, limit=20))
+            parts.append(f"thread {thread_id} (latest statement):\n{stack}")
+    return "\n".join(parts)

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import sys
+import weakref
 from types import TracebackType
 from typing import Any, Generic, TypeVar, overload
 
 import anyio
 import anyio.to_thread
+import structlog
+from prometheus_client import CollectorRegistry
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
 
+from .catalogue import DEFAULT_NAMESPACE
 from .errors import ConfigurationError
+from .metrics import DbMetrics, Metrics
+from .reporting import LOGGER_NAME
 from .source import AnySession, SessionSource, resolve_source
 
 S = TypeVar("S", bound=AnySession)
@@ -25,12 +32,18 @@ class session_scope(Generic[S]):
     ``async_sessionmaker`` (a sync source also works with ``async with``: its I/O then runs in
     a worker thread). Cleanup after ``async with`` is shielded from cancellation.
 
+    A session that is garbage-collected without having been closed (the scope entered by
+    hand and dropped) is counted in ``db_sessions_gc_unclosed_total`` and logged with where
+    it was opened.
+
     Args:
         source: an ``Engine``, ``AsyncEngine``, ``sessionmaker`` or ``async_sessionmaker``.
-        name: the database's name, for logs.
+        name: the database's name, for logs and metrics.
+        registry: the Prometheus registry (default: the global one).
+        namespace: the metric name prefix.
     """
 
-    __slots__ = ("_session", "_source", "name")
+    __slots__ = ("_finalizer", "_metrics", "_session", "_source", "name")
 
     @overload
     def __init__(
@@ -38,6 +51,8 @@ class session_scope(Generic[S]):
         source: Engine | sessionmaker[Any],
         *,
         name: str = "default",
+        registry: CollectorRegistry | None = None,
+        namespace: str = DEFAULT_NAMESPACE,
     ) -> None: ...
 
     @overload
@@ -46,6 +61,8 @@ class session_scope(Generic[S]):
         source: AsyncEngine | async_sessionmaker[Any],
         *,
         name: str = "default",
+        registry: CollectorRegistry | None = None,
+        namespace: str = DEFAULT_NAMESPACE,
     ) -> None: ...
 
     def __init__(
@@ -53,17 +70,41 @@ class session_scope(Generic[S]):
         source: Engine | AsyncEngine | sessionmaker[Any] | async_sessionmaker[Any],
         *,
         name: str = "default",
+        registry: CollectorRegistry | None = None,
+        namespace: str = DEFAULT_NAMESPACE,
     ) -> None:
         self._source: SessionSource = _resolve(source)
         self.name = name
+        self._metrics = Metrics.on(registry, namespace).for_db(name)
         self._session: Any = None
+        self._finalizer: weakref.finalize[Any, Any] | None = None
+
+    def _open(self) -> AnySession:
+        session = self._source.new_session()
+        caller = sys._getframe(2)
+        self._finalizer = weakref.finalize(
+            session,
+            _report_unclosed,
+            self._metrics,
+            self.name,
+            f"{caller.f_code.co_filename}:{caller.f_lineno}",
+        )
+        self._session = session
+        return session
+
+    def _take(self) -> Any:
+        session, self._session = self._session, None
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
+        return session
 
     def __enter__(self) -> Session:
         if self._source.is_async:
             raise ConfigurationError(
                 "session_scope() got an async engine or sessionmaker: use `async with`."
             )
-        self._session = session = self._source.new_session()
+        session = self._open()
         assert isinstance(session, Session)
         return session
 
@@ -73,8 +114,7 @@ class session_scope(Generic[S]):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        session: Session = self._session
-        self._session = None
+        session: Session = self._take()
         try:
             if exc is None:
                 try:
@@ -86,8 +126,7 @@ class session_scope(Generic[S]):
             session.close()
 
     async def __aenter__(self) -> S:
-        self._session = self._source.new_session()
-        return self._session  # type: ignore[no-any-return]
+        return self._open()  # type: ignore[return-value]
 
     async def __aexit__(
         self,
@@ -95,8 +134,7 @@ class session_scope(Generic[S]):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        session: AnySession = self._session
-        self._session = None
+        session: AnySession = self._take()
         if exc is None:
             try:
                 with anyio.CancelScope(shield=True):
@@ -114,6 +152,17 @@ async def _call(session: AnySession, method: str) -> None:
         await getattr(session, method)()
     else:
         await anyio.to_thread.run_sync(getattr(session, method))
+
+
+def _report_unclosed(metrics: DbMetrics, name: str, opened_at: str) -> None:
+    metrics.gc_unclosed.inc()
+    structlog.get_logger(LOGGER_NAME).warning(
+        "db_session.gc_unclosed",
+        db=name,
+        opened_at=opened_at,
+        detail="a session_scope() session was garbage-collected without being closed; "
+        "use it as `with session_scope(...)` so it is always closed",
+    )
 
 
 def _resolve(source: object) -> SessionSource:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from contextvars import ContextVar, Token
+from threading import get_ident
 from typing import Any, Final
 
 from sqlalchemy import event
@@ -28,7 +29,7 @@ _WRITE_PREFIX: Final = re.compile(
 class StatementTally:
     """Statements one request ran on one engine, and writes run after the commit decision."""
 
-    __slots__ = ("_token", "late", "late_writes", "parent", "pool", "statements")
+    __slots__ = ("_token", "late", "late_writes", "parent", "pool", "statements", "thread")
 
     def __init__(self, pool: Pool | None) -> None:
         self.pool = pool
@@ -36,6 +37,8 @@ class StatementTally:
         self.late = False
         self.late_writes = 0
         self.parent: StatementTally | None = None
+        self.thread = 0
+        """The thread that ran the latest statement (where a held session is being used)."""
         self._token: Token[StatementTally | None] | None = None
 
     def activate(self) -> None:
@@ -74,6 +77,7 @@ def _on_statement(
             return
         tally = parent
     tally.statements += 1
+    tally.thread = get_ident()
     if tally.late and _is_write(statement, context):
         tally.late_writes += 1
 

@@ -1,0 +1,231 @@
+"""Session metrics: every closed session counted by route and outcome, rollbacks by reason."""
+
+from __future__ import annotations
+
+import random
+import string
+import subprocess
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry, generate_latest
+from sessionscope import DBSessionMiddleware, session_scope
+
+from .apps import items_app
+from .metric_support import series, value
+from .support import Backend, children, request
+
+pytestmark = pytest.mark.anyio
+
+
+def client(app: Any) -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    return httpx.AsyncClient(transport=transport, base_url="http://t")
+
+
+async def test_a_committed_request_is_counted_by_route_and_outcome(backend: Backend) -> None:
+    registry = CollectorRegistry()
+    async with client(items_app(backend, registry=registry)) as c:
+        assert (await c.post("/items/a")).status_code == 201
+    route = "/items/{name}"
+    assert value(registry, "db_sessions_closed_total", route=route, outcome="commit") == 1
+    assert value(registry, "db_session_duration_seconds_count", outcome="commit") == 1
+    assert value(registry, "db_session_held_seconds_total", route=route) > 0
+    assert value(registry, "db_statements_total", route=route) == 1
+    assert value(registry, "db_session_statements_sum") == 1
+    assert value(registry, "db_session_commit_duration_seconds_count") == 1
+    assert value(registry, "db_sessions_open") == 0
+    assert value(registry, "db_leak_threshold_seconds") == 60
+
+
+@pytest.mark.parametrize(
+    ("path", "reason", "status"),
+    [
+        ("/conflict/b", "status_4xx", 409),
+        ("/returned-400/c", "status_4xx", 400),
+        ("/boom/d", "exception", 500),
+    ],
+)
+async def test_rollbacks_are_counted_by_reason(
+    backend: Backend, path: str, reason: str, status: int
+) -> None:
+    registry = CollectorRegistry()
+    async with client(items_app(backend, registry=registry)) as c:
+        assert (await c.post(path)).status_code == status
+    assert value(registry, "db_session_rollbacks_total", reason=reason) == 1
+    route = path.rsplit("/", 1)[0] + "/{name}"
+    assert value(registry, "db_sessions_closed_total", route=route, outcome="rollback") == 1
+    others = {"status_4xx", "status_5xx", "exception", "cancelled", "commit_error", "late_write"}
+    for other in others - {reason}:
+        assert value(registry, "db_session_rollbacks_total", reason=other) == 0
+
+
+async def test_a_late_write_is_counted_as_a_late_write_rollback(backend: Backend) -> None:
+    registry = CollectorRegistry()
+    async with client(items_app(backend, registry=registry)) as c:
+        assert (await c.post("/background/e")).status_code == 202
+    assert value(registry, "db_session_rollbacks_total", reason="late_write") == 1
+    assert (
+        value(registry, "db_sessions_closed_total", route="/background/{name}", outcome="commit")
+        == 0
+    )
+    assert (
+        value(registry, "db_sessions_closed_total", route="/background/{name}", outcome="unused")
+        + value(
+            registry, "db_sessions_closed_total", route="/background/{name}", outcome="rollback"
+        )
+        == 1
+    )
+
+
+async def test_a_failed_commit_counts_a_commit_error_by_error_type(backend: Backend) -> None:
+    registry = CollectorRegistry()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await backend.run(
+            scope["state"]["db"], lambda s: s.execute(children.insert().values(id=1, parent_id=7))
+        )
+        await send({"type": "http.response.start", "status": 200})
+        await send({"type": "http.response.body"})
+
+    ex = await request(DBSessionMiddleware(app, engine=backend.engine, registry=registry))
+    assert ex.status == 500
+    assert value(registry, "db_session_rollbacks_total", reason="commit_error") == 1
+    assert (
+        value(registry, "db_session_errors_total", phase="commit", error_type="IntegrityError") == 1
+    )
+
+
+async def test_a_cancelled_request_is_counted_as_a_cancelled_rollback(backend: Backend) -> None:
+    registry = CollectorRegistry()
+    inserted = anyio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await backend.insert(scope["state"]["db"], "x")
+        inserted.set()
+        await anyio.sleep_forever()
+
+    mw = DBSessionMiddleware(app, engine=backend.engine, registry=registry)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(request, mw)
+        await inserted.wait()
+        assert value(registry, "db_sessions_open") == 1
+        tg.cancel_scope.cancel()
+    assert value(registry, "db_session_rollbacks_total", reason="cancelled") == 1
+    assert value(registry, "db_sessions_open") == 0
+
+
+async def test_a_session_never_used_is_counted_unused(backend: Backend) -> None:
+    registry = CollectorRegistry()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        scope["state"]["db"]
+        await send({"type": "http.response.start", "status": 200})
+        await send({"type": "http.response.body"})
+
+    await request(DBSessionMiddleware(app, engine=backend.engine, registry=registry))
+    assert value(registry, "db_sessions_closed_total", route="__unmatched__", outcome="unused") == 1
+    assert value(registry, "db_session_statements_bucket", le="0.0") == 1
+
+
+async def test_use_after_close_is_counted_by_route(backend: Backend) -> None:
+    registry = CollectorRegistry()
+    kept: list[Any] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        kept.append(scope["state"]["db"])
+        await send({"type": "http.response.start", "status": 200})
+        await send({"type": "http.response.body"})
+
+    await request(DBSessionMiddleware(app, engine=backend.engine, registry=registry))
+    with pytest.raises(Exception, match="after its request finished"):
+        await backend.count(kept[0])
+    assert value(registry, "db_session_use_after_close_total", route="__unmatched__") == 1
+
+
+async def test_ten_thousand_requests_to_random_unknown_paths_add_no_series() -> None:
+    import sqlalchemy as sa
+
+    engine = sa.create_engine("sqlite://")
+    registry = CollectorRegistry()
+    app = FastAPI()
+    app.add_middleware(DBSessionMiddleware, engine=engine, registry=registry)
+
+    @app.get("/known")
+    def known() -> dict[str, str]:
+        return {}
+
+    rng = random.Random(7)
+    async with client(app) as c:
+        await c.get("/known")
+        before = series(registry)
+        for _ in range(10_000):
+            path = "/" + "".join(rng.choices(string.ascii_letters + "/%.", k=rng.randint(1, 40)))
+            method = rng.choice(["GET", "POST", "DELETE", "PATCH", "BREW"])
+            await c.request(method, path)
+    assert series(registry) == before
+    engine.dispose()
+
+
+async def test_routes_beyond_the_cap_are_folded_into_other(backend: Backend) -> None:
+    registry = CollectorRegistry()
+    app = FastAPI()
+    app.add_middleware(DBSessionMiddleware, engine=backend.engine, registry=registry, max_routes=3)
+    from sessionscope.fastapi import get_session
+
+    dependency = get_session()
+    from fastapi import Depends
+
+    for i in range(6):
+
+        @app.get(f"/r{i}/{{x}}")
+        async def route(x: str, db: Any = Depends(dependency)) -> dict[str, str]:
+            return {}
+
+    async with client(app) as c:
+        for i in range(6):
+            assert (await c.get(f"/r{i}/1")).status_code == 200
+    labels = {line for line in series(registry) if line.startswith("db_sessions_closed_total{")}
+    routes = {line.split('route="')[1].split('"')[0] for line in labels}
+    assert routes == {"/r0/{x}", "/r1/{x}", "/r2/{x}", "__other__"}
+    assert value(registry, "db_sessions_closed_total", route="__other__", outcome="unused") == 3
+
+
+async def test_a_session_scope_session_garbage_collected_unclosed_is_counted(
+    backend: Backend,
+) -> None:
+    import gc
+
+    from structlog.testing import capture_logs
+
+    registry = CollectorRegistry()
+    with capture_logs() as logs:
+        scope: Any = session_scope(backend.engine, registry=registry)  # type: ignore[call-overload]
+        if backend.is_async:
+            await scope.__aenter__()
+        else:
+            scope.__enter__()
+        del scope
+        gc.collect()
+    assert value(registry, "db_sessions_gc_unclosed_total") == 1
+    (event,) = [e for e in logs if e["event"] == "db_session.gc_unclosed"]
+    assert "test_metrics.py" in event["opened_at"]
+
+
+async def test_the_exposition_passes_promtool_check_metrics(backend: Backend) -> None:
+    from .prometheus_tools import promtool
+
+    registry = CollectorRegistry()
+    async with client(items_app(backend, registry=registry)) as c:
+        for path in ("/items/a", "/conflict/b", "/boom/c", "/background/d"):
+            await c.post(path)
+    result = subprocess.run(
+        [promtool(), "check", "metrics"],
+        input=generate_latest(registry),
+        capture_output=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
