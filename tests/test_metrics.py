@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 import string
-import subprocess
 from typing import Any
 
 import anyio
@@ -222,10 +221,7 @@ async def test_the_exposition_passes_promtool_check_metrics(backend: Backend) ->
     async with client(items_app(backend, registry=registry)) as c:
         for path in ("/items/a", "/conflict/b", "/boom/c", "/background/d"):
             await c.post(path)
-    result = subprocess.run(
-        [promtool(), "check", "metrics"],
-        input=generate_latest(registry),
-        capture_output=True,
-        check=False,
+    result = await anyio.run_process(
+        [promtool(), "check", "metrics"], input=generate_latest(registry), check=False
     )
     assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
