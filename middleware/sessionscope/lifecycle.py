@@ -22,6 +22,7 @@ from __future__ import annotations
 import enum
 import threading
 from dataclasses import dataclass
+from functools import partial
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, Final
 
@@ -33,6 +34,7 @@ from sqlalchemy.orm import Session
 from . import outcome as oc
 from .errors import SessionClosedError
 from .policy import CommitPolicy, rollback_reason
+from .request_context import route_template
 from .request_state import RequestState
 from .responses import error_response
 from .session_calls import SessionCalls
@@ -46,6 +48,7 @@ if TYPE_CHECKING:
     from .reporting import Reporter
 
 _CLOSED_BY: Final = "sessionscope.closed_by"
+"""``Session.info`` key marking a closed request session: (settings, route) of its request."""
 
 
 class Phase(enum.IntEnum):
@@ -81,8 +84,11 @@ class SessionSettings:
             event.listen(target, "after_transaction_create", _refuse_if_closed)
 
 
-class RequestSession:
-    """One HTTP request's session and the decisions made about it."""
+class RequestSession(StatementTally):
+    """One HTTP request's session and the decisions made about it.
+
+    It is also the request's statement tally: the engine listener counts into it.
+    """
 
     __slots__ = (
         "_send",
@@ -99,12 +105,12 @@ class RequestSession:
         "slot",
         "state",
         "status",
-        "tally",
     )
 
     def __init__(
         self, settings: SessionSettings, scope: Scope, state: RequestState, send: Send
     ) -> None:
+        StatementTally.__init__(self, settings.source.pool)
         self.settings = settings
         self.scope = scope
         self.state = state
@@ -119,7 +125,11 @@ class RequestSession:
         self.request_id: str | None = None
         self.opened_at = 0.0
         self.closed_at = 0.0
-        self.tally = StatementTally(settings.source.pool)
+
+    @property
+    def tally(self) -> StatementTally:
+        """The statements this request ran (this object itself)."""
+        return self
 
     # -- created -------------------------------------------------------------------------
 
@@ -128,7 +138,7 @@ class RequestSession:
         with self.settings.create_lock:
             if self.session is None:
                 if self.phase is Phase.CLOSED:
-                    raise self._closed_error("requested")
+                    raise closed_error(self.settings, route_template(self.scope), "requested")
                 session = self.settings.source.new_session()
                 self.opened_at = perf_counter()
                 self.session = session
@@ -164,7 +174,7 @@ class RequestSession:
             self.status = status = message["status"]
             committed = self.session is None or await self._decide(status)
             self.phase = Phase.DECIDED
-            self.tally.late = True
+            self.late = True
             self._release_slot()
             if not committed:
                 self.replaced = True
@@ -177,15 +187,12 @@ class RequestSession:
     async def _decide(self, status: int) -> bool:
         """Commit or roll back for ``status``; ``False`` if the commit failed."""
         sync = self._sync_session()
-        if not self.settings.commit_on(status):
-            self.outcome, self.reason = oc.ROLLBACK, rollback_reason(status)
-            if sync.in_transaction():
-                await self._rollback(self.reason)
-            else:
-                self.outcome = oc.UNUSED
-            return True
         if not sync.in_transaction():
             self.outcome = oc.UNUSED
+            return True
+        if not self.settings.commit_on(status):
+            self.outcome, self.reason = oc.ROLLBACK, rollback_reason(status)
+            await self._rollback(self.reason)
             return True
         started = perf_counter()
         try:
@@ -214,41 +221,51 @@ class RequestSession:
 
     async def finish(self, exc: BaseException | None) -> None:
         """End the request: roll back what is undecided or late, close, report. Never raises."""
-        session = self.session
         self._release_slot()
+        route = route_template(self.scope)
+        # From now on the request state must not reach back to this object (no cycle).
+        self.state.withdraw(self.settings.state_key, partial(_refuse, self.settings, route))
+        session = self.session
         if session is None:
             self.phase = Phase.CLOSED
             return
-        with anyio.CancelScope(shield=True):
-            sync = self._sync_session()
-            reason: str | None = None
-            if sync.in_transaction():
-                if self.phase is Phase.RUNNING:
-                    reason = _undecided_reason(exc)
-                    self.outcome, self.reason = oc.ROLLBACK, reason
-                elif self._wrote_late(sync):
-                    reason = oc.LATE_WRITE
-                    self.settings.reporter.late_write(self)
-                    if self.outcome in (None, oc.UNUSED):
-                        self.outcome, self.reason = oc.ROLLBACK, reason
-            elif self.phase is Phase.RUNNING:
+        sync = self._sync_session()
+        sync.info[_CLOSED_BY] = (self.settings, route)
+        if sync.in_transaction():
+            with anyio.CancelScope(shield=True):
+                await self._close_transaction(sync, exc)
+        else:
+            if self.phase is Phase.RUNNING:
                 self.outcome = oc.UNUSED
             self.phase = Phase.CLOSED
-            sync.info[_CLOSED_BY] = self
-            try:
-                if sync.in_transaction():
-                    # close() rolls back the transaction and returns its connection: one call.
-                    await self._call("close")
-                else:
-                    sync.close()  # no transaction, no I/O: no thread hop, no greenlet
-            except Exception as exc_close:
-                self.settings.reporter.failed(self, oc.PHASE_CLOSE, exc_close)
-                await self._discard()
-            else:
-                if reason is not None:
-                    self.settings.reporter.rolled_back(self, reason)
-            self.closed_at = perf_counter()
-            self.settings.reporter.closed(self)
+            if sync.identity_map:
+                # No transaction, so no I/O: detach the loaded objects, inline. (Pending
+                # objects would have begun a transaction: an untouched session needs nothing.)
+                sync.close()
+        self.closed_at = perf_counter()
+        self.settings.reporter.closed(self)
+
+    async def _close_transaction(self, sync: Session, exc: BaseException | None) -> None:
+        """Roll back the undecided or late transaction and return its connection."""
+        reason: str | None = None
+        if self.phase is Phase.RUNNING:
+            reason = _undecided_reason(exc)
+            self.outcome, self.reason = oc.ROLLBACK, reason
+        elif self._wrote_late(sync):
+            reason = oc.LATE_WRITE
+            self.settings.reporter.late_write(self)
+            if self.outcome in (None, oc.UNUSED):
+                self.outcome, self.reason = oc.ROLLBACK, reason
+        self.phase = Phase.CLOSED
+        try:
+            # close() rolls back the transaction and returns its connection: one call.
+            await self._call("close")
+        except Exception as exc_close:
+            self.settings.reporter.failed(self, oc.PHASE_CLOSE, exc_close)
+            await self._discard()
+        else:
+            if reason is not None:
+                self.settings.reporter.rolled_back(self, reason)
 
     async def respond_unavailable(self, exc: PoolTimeoutError) -> None:
         """Answer ``503`` with ``Retry-After`` for a pool timeout before the response started."""
@@ -288,7 +305,7 @@ class RequestSession:
         await self.settings.calls.call(session, method, holds_connection=self.holds_connection())
 
     def _wrote_late(self, sync: Session) -> bool:
-        return bool(self.tally.late_writes or sync.new or sync.dirty or sync.deleted)
+        return bool(self.late_writes or sync.new or sync.dirty or sync.deleted)
 
     async def _discard(self) -> None:
         """Last resort after a failed rollback/close: invalidate, so no connection stays out."""
@@ -301,14 +318,19 @@ class RequestSession:
         for message in messages:
             await self._send(message)
 
-    def _closed_error(self, verb: str) -> SessionClosedError:
-        self.settings.reporter.used_after_close(self)
-        return SessionClosedError(
-            f"the request session {self.settings.state_key!r} of database "
-            f"{self.settings.name!r} was {verb} after its request finished; "
-            "work that outlives the request must open its own session, "
-            "e.g. `with session_scope(engine) as session:`"
-        )
+
+def closed_error(settings: SessionSettings, route: str, verb: str) -> SessionClosedError:
+    """Report a use after close and build the error that tells the user what to do instead."""
+    settings.reporter.used_after_close(settings.name, route)
+    return SessionClosedError(
+        f"the request session {settings.state_key!r} of database {settings.name!r} "
+        f"(route {route}) was {verb} after its request finished; work that outlives the "
+        "request must open its own session, e.g. `with session_scope(engine) as session:`"
+    )
+
+
+def _refuse(settings: SessionSettings, route: str) -> AnySession:
+    raise closed_error(settings, route, "requested")
 
 
 def _undecided_reason(exc: BaseException | None) -> str:
@@ -318,6 +340,6 @@ def _undecided_reason(exc: BaseException | None) -> str:
 
 
 def _refuse_if_closed(session: Session, transaction: Any) -> None:
-    closed_by: RequestSession | None = session.info.get(_CLOSED_BY)
+    closed_by: tuple[SessionSettings, str] | None = session.info.get(_CLOSED_BY)
     if closed_by is not None and transaction.parent is None:
-        raise closed_by._closed_error("used")
+        raise closed_error(*closed_by, "used")

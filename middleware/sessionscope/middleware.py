@@ -20,6 +20,7 @@ from .leaks import LeakRegistry
 from .lifecycle import RequestSession, SessionSettings
 from .metrics import DEFAULT_MAX_ROUTES, Metrics
 from .policy import CommitPolicy, commit_below_400
+from .pool import instrument_pool
 from .reporting import LEVELS, Reporter
 from .request_state import RequestState
 from .session_calls import SessionCalls
@@ -146,6 +147,8 @@ class DBSessionMiddleware:
             )
         if db_metrics is not None:
             db_metrics.leak_threshold.set(leak_threshold or 0)
+            if source.engine is not None:
+                reporter.pool = instrument_pool(source.engine, db_metrics.metrics, name)
         self.settings = SessionSettings(
             name=name,
             state_key=state_key,
@@ -176,7 +179,7 @@ class DBSessionMiddleware:
                 "taken (by another DBSessionMiddleware or the lifespan state); give each "
                 "database its own state_key."
             )
-        rs.tally.activate()
+        rs.activate()
         try:
             await self.app(scope, receive, rs.send)
         except PoolTimeoutError as exc:
@@ -191,7 +194,7 @@ class DBSessionMiddleware:
         else:
             await rs.finish(None)
         finally:
-            rs.tally.deactivate()
+            rs.deactivate()
 
 
 def _refuse_duplicates(app: ASGIApp, *, name: str, state_key: str) -> None:

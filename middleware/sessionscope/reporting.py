@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from .leaks import LeakRegistry, Suspect
     from .lifecycle import RequestSession
     from .metrics import DbMetrics
+    from .pool import PoolInstruments
 
 LOGGER_NAME: Final = "sessionscope"
 LEVELS: Final = {"debug": 10, "info": 20, "warning": 30, "error": 40}
@@ -41,6 +42,7 @@ class Reporter:
         self.name = name
         self.metrics = metrics
         self.leaks = leaks
+        self.pool: PoolInstruments | None = None
         self._log: Any = structlog.get_logger(LOGGER_NAME)
         self._closed_level = None if closed_level is None else LEVELS[closed_level]
         self._correlation = correlation_id_source()
@@ -98,11 +100,11 @@ class Reporter:
             **self.fields(rs),
         )
 
-    def used_after_close(self, rs: RequestSession) -> None:
-        """The session was used after its request finished."""
+    def used_after_close(self, db: str, route: str) -> None:
+        """A session was used (or first requested) after its request finished."""
         if self.metrics is not None:
-            self.metrics.route(route_template(rs.scope)).use_after_close.inc()
-        self._log.warning("db_session.use_after_close", where=_caller_stack(), **self.fields(rs))
+            self.metrics.route(route).use_after_close.inc()
+        self._log.warning("db_session.use_after_close", db=db, route=route, where=_caller_stack())
 
     def pool_timeout(self, rs: RequestSession, exc: PoolTimeoutError) -> None:
         """A pool checkout timed out before the response started: the client gets 503."""
@@ -141,6 +143,8 @@ class Reporter:
         if self.metrics is not None:
             self.metrics.leak_suspected.set(over_threshold)
             self.metrics.oldest_age.set(oldest_age)
+        if self.pool is not None and self.pool.multiprocess:
+            self.pool.refresh()  # no scrape-time reads across processes: resynchronise here
 
     def closed(self, rs: RequestSession) -> None:
         """The session is closed: count it, resolve a reported leak, emit the canonical event."""

@@ -54,6 +54,11 @@ class RequestState(dict[str, Any]):
         self.names[name] = key
         return True
 
+    def withdraw(self, key: str, factory: Callable[[], Any]) -> None:
+        """After the request: later first accesses of ``key`` go to ``factory`` instead."""
+        self._factories[key] = factory
+        self._openers.pop(key, None)
+
     async def open(self, key: str) -> Any:
         """The value of ``key``, created through its awaitable opener if not created yet."""
         if dict.__contains__(self, key):
