@@ -106,7 +106,10 @@ async def test_commit_failure_becomes_a_complete_500_and_drops_the_apps_messages
     failed = [e for e in logs if e["event"] == "db_session.commit_failed"]
     assert len(failed) == 1
     assert failed[0]["log_level"] == "error"
-    assert isinstance(failed[0]["exc_info"], sa.exc.IntegrityError)
+    assert failed[0]["error_type"] == "IntegrityError"
+    assert "[parameters" not in failed[0]["error"]  # the SQL and its parameters are not logged
+    assert "[SQL" not in failed[0]["error"]
+    assert "_commit_impl" in failed[0]["traceback"]
     with backend.check.connect() as conn:
         assert conn.execute(sa.select(sa.func.count()).select_from(children)).scalar() == 0
 

@@ -150,15 +150,19 @@ class RequestSession(StatementTally):
         """The request's session, first waiting on the loop for a pool slot (sync engines)."""
         slots = self.settings.slots
         if self.session is None and slots is not None and self.slot is None and not self.started:
-            reporter = self.settings.reporter
-            reporter.waiting(+1)
-            try:
-                self.slot = await slots.acquire()
-            except PoolTimeoutError:
-                reporter.slot_timeout()
-                raise
-            finally:
-                reporter.waiting(-1)
+            self.slot = slots.try_acquire()
+            if self.slot is None:
+                reporter = self.settings.reporter
+                reporter.waiting(+1)
+                started = perf_counter()
+                try:
+                    self.slot = await slots.acquire()
+                except PoolTimeoutError:
+                    reporter.slot_timeout(perf_counter() - started)
+                    raise
+                finally:
+                    reporter.waiting(-1)
+                reporter.slot_waited(perf_counter() - started)
         return self.open()
 
     def _release_slot(self) -> None:

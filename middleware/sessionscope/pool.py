@@ -195,6 +195,18 @@ class PoolInstruments:
 
         setattr(pool, "connect", connect)  # noqa: B010 (mypy forbids assigning to a method)
 
+    def observe_wait(self, waited: float) -> None:
+        """Record a wait for a connection that happened before the pool was asked (admission)."""
+        self._wait.observe(waited)
+
+    def record_timeout(self, waited: float) -> None:
+        """Count, observe and log a wait for a connection that gave up (admission timeout)."""
+        self._wait.observe(waited)
+        self._timeouts.inc()
+        engine = self.engine
+        if engine is not None:
+            self._log_timeout(engine.pool, waited)
+
     def _log_timeout(self, pool: Pool, waited: float) -> None:
         """The ``db_pool.timeout`` error event; ``pending`` counts the other waiting checkouts."""
         overflow = _call(pool, "overflow")

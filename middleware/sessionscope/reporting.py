@@ -13,6 +13,7 @@ import traceback
 from typing import TYPE_CHECKING, Any, Final
 
 import structlog
+from sqlalchemy.exc import StatementError
 
 from .request_context import correlation_id_source, request_id, route_template
 
@@ -82,12 +83,7 @@ class Reporter:
             self.metrics.error(phase, exc)
         event = "db_session.commit_failed" if phase == "commit" else "db_session.cleanup_failed"
         self._log.error(
-            event,
-            phase=phase,
-            error_type=type(exc).__name__,
-            status=rs.status,
-            exc_info=exc,
-            **self.fields(rs),
+            event, phase=phase, status=rs.status, **error_fields(exc), **self.fields(rs)
         )
 
     def late_write(self, rs: RequestSession) -> None:
@@ -117,9 +113,17 @@ class Reporter:
         if self.metrics is not None:
             self.metrics.pool_pending.inc(delta)
 
-    def slot_timeout(self) -> None:
-        """A request waited the whole pool timeout for a slot."""
-        if self.metrics is not None:
+    def slot_waited(self, seconds: float) -> None:
+        """A request waited ``seconds`` for a pool slot before getting its session."""
+        if self.pool is not None:
+            self.pool.observe_wait(seconds)
+
+    def slot_timeout(self, seconds: float) -> None:
+        """A request waited the whole pool timeout for a slot: counted and logged like a
+        checkout timeout, with the pool's state."""
+        if self.pool is not None:
+            self.pool.record_timeout(seconds)
+        elif self.metrics is not None:
             self.metrics.pool_timeouts.inc()
 
     def leak_suspected(self, suspect: Suspect) -> None:
@@ -184,6 +188,21 @@ class Reporter:
     def _enabled(self, level: int) -> bool:
         is_enabled_for = getattr(self._log, "is_enabled_for", None)
         return True if is_enabled_for is None else bool(is_enabled_for(level))
+
+
+def error_fields(exc: BaseException) -> dict[str, str]:
+    """An exception as log fields: its type, the first line of its message and its traceback.
+
+    SQLAlchemy's own message repeats the SQL and its parameters (unless the engine was made with
+    ``hide_parameters=True``); parameters can be personal data, so only the database driver's
+    first line is kept. The traceback frames are kept in full.
+    """
+    message = str(exc.orig) if isinstance(exc, StatementError) and exc.orig else str(exc)
+    return {
+        "error_type": type(exc).__name__,
+        "error": message.strip().split("\n", 1)[0][:500],
+        "traceback": "".join(traceback.format_tb(exc.__traceback__)),
+    }
 
 
 def _caller_stack(limit: int = 8) -> str:

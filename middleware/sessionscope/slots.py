@@ -43,16 +43,25 @@ class SessionSlots:
             return None
         return cls(pool.size() + overflow, float(pool.timeout()), name)
 
-    async def acquire(self) -> anyio.Semaphore:
-        """Wait for a slot (up to the pool timeout); the semaphore to release it on."""
+    def _semaphore_here(self) -> anyio.Semaphore:
         try:
-            semaphore = self._semaphore.get()
+            return self._semaphore.get()
         except LookupError:
             semaphore = anyio.Semaphore(self.capacity)
             self._semaphore.set(semaphore)
-        if semaphore.value > 0:
-            semaphore.acquire_nowait()  # the common case: no cancel scope, no loop round-trip
             return semaphore
+
+    def try_acquire(self) -> anyio.Semaphore | None:
+        """A slot if one is free right now (no waiting, no loop round-trip), else ``None``."""
+        semaphore = self._semaphore_here()
+        if semaphore.value > 0:
+            semaphore.acquire_nowait()
+            return semaphore
+        return None
+
+    async def acquire(self) -> anyio.Semaphore:
+        """Wait for a slot (up to the pool timeout); the semaphore to release it on."""
+        semaphore = self._semaphore_here()
         try:
             with anyio.fail_after(self.timeout):
                 await semaphore.acquire()
