@@ -6,6 +6,7 @@ response status before the client sees that status, and always closes it.
 """
 
 from .errors import ConfigurationError, SessionClosedError, SessionNotAvailableError
+from .hooks import on_commit
 from .middleware import DBSessionMiddleware
 from .policy import commit_below_400
 from .scope import session_scope
@@ -16,5 +17,6 @@ __all__ = [
     "SessionClosedError",
     "SessionNotAvailableError",
     "commit_below_400",
+    "on_commit",
     "session_scope",
 ]

@@ -33,6 +33,7 @@ from sqlalchemy.orm import Session
 
 from . import outcome as oc
 from .errors import SessionClosedError
+from .hooks import CommitHooks
 from .policy import CommitPolicy, rollback_reason
 from .request_context import route_template
 from .request_state import RequestState
@@ -47,6 +48,8 @@ if TYPE_CHECKING:
 
     from .reporting import Reporter
 
+REQUEST_KEY: Final = "sessionscope.request"
+"""``Session.info`` key of the open request session's :class:`RequestSession`."""
 _CLOSED_BY: Final = "sessionscope.closed_by"
 """``Session.info`` key marking a closed request session: (settings, route) of its request."""
 
@@ -93,6 +96,7 @@ class RequestSession(StatementTally):
     __slots__ = (
         "_send",
         "closed_at",
+        "hooks",
         "opened_at",
         "outcome",
         "phase",
@@ -123,6 +127,7 @@ class RequestSession(StatementTally):
         self.reason: str | None = None
         self.replaced = False
         self.request_id: str | None = None
+        self.hooks: CommitHooks | None = None
         self.opened_at = 0.0
         self.closed_at = 0.0
 
@@ -140,6 +145,7 @@ class RequestSession(StatementTally):
                 if self.phase is Phase.CLOSED:
                     raise closed_error(self.settings, route_template(self.scope), "requested")
                 session = self.settings.source.new_session()
+                session.info[REQUEST_KEY] = self
                 self.opened_at = perf_counter()
                 self.session = session
                 self.state.remember(self.settings.state_key, session)
@@ -184,6 +190,8 @@ class RequestSession(StatementTally):
                 self.replaced = True
                 await self._send_all(error_response(500))
                 return
+            if self.hooks is not None and self.outcome == oc.COMMIT:
+                await self.hooks.run(self, self.hooks.before)
         elif self.replaced:
             return
         await self._send(message)
@@ -228,12 +236,14 @@ class RequestSession(StatementTally):
         self._release_slot()
         route = route_template(self.scope)
         # From now on the request state must not reach back to this object (no cycle).
-        self.state.withdraw(self.settings.state_key, partial(_refuse, self.settings, route))
+        settings = self.settings
+        self.state.withdraw(settings.name, settings.state_key, partial(_refuse, settings, route))
         session = self.session
         if session is None:
             self.phase = Phase.CLOSED
             return
         sync = self._sync_session()
+        sync.info.pop(REQUEST_KEY, None)
         sync.info[_CLOSED_BY] = (self.settings, route)
         if sync.in_transaction():
             with anyio.CancelScope(shield=True):
@@ -248,6 +258,8 @@ class RequestSession(StatementTally):
                 sync.close()
         self.closed_at = perf_counter()
         self.settings.reporter.closed(self)
+        if self.hooks is not None and self.outcome == oc.COMMIT and self.hooks.after:
+            await self.hooks.run(self, self.hooks.after)
 
     async def _close_transaction(self, sync: Session, exc: BaseException | None) -> None:
         """Roll back the undecided or late transaction and return its connection."""

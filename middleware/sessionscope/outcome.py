@@ -27,4 +27,6 @@ ROLLBACK_REASONS: Final = (
 PHASE_COMMIT: Final = "commit"
 PHASE_ROLLBACK: Final = "rollback"
 PHASE_CLOSE: Final = "close"
-PHASES: Final = (PHASE_COMMIT, PHASE_ROLLBACK, PHASE_CLOSE)
+PHASE_HOOK: Final = "hook"
+"""An after-commit hook (``on_commit``) raised."""
+PHASES: Final = (PHASE_COMMIT, PHASE_ROLLBACK, PHASE_CLOSE, PHASE_HOOK)

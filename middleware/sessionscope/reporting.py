@@ -86,6 +86,18 @@ class Reporter:
             event, phase=phase, status=rs.status, **error_fields(exc), **self.fields(rs)
         )
 
+    def hook_failed(self, rs: RequestSession, hook: object, exc: BaseException) -> None:
+        """An after-commit hook raised: logged and counted; the request stays committed."""
+        if self.metrics is not None:
+            self.metrics.error("hook", exc)
+        fields = self.fields(rs)
+        self._log.error(
+            "db_session.hook_failed",
+            hook=getattr(hook, "__qualname__", type(hook).__name__),
+            **error_fields(exc),
+            **fields,
+        )
+
     def late_write(self, rs: RequestSession) -> None:
         """Writes made after the commit decision were not committed by the app."""
         self._log.warning(

@@ -16,7 +16,7 @@ from typing import Any
 class RequestState(dict[str, Any]):
     """A request's state dict that creates registered values on first access."""
 
-    __slots__ = ("_factories", "_openers", "_origin", "names")
+    __slots__ = ("_factories", "_openers", "_origin", "names", "sources")
 
     def __init__(self, origin: MutableMapping[str, Any] | None) -> None:
         super().__init__(origin or ())
@@ -25,6 +25,8 @@ class RequestState(dict[str, Any]):
         self._openers: dict[str, Callable[[], Awaitable[Any]]] = {}
         self.names: dict[str, str] = {}
         """Database name -> state key, for every middleware that handles this request."""
+        self.sources: dict[str, Any] = {}
+        """Database name -> its ``SessionSource``, while the request runs (per-task sessions)."""
 
     @classmethod
     def of(cls, scope: MutableMapping[str, Any]) -> RequestState:
@@ -42,6 +44,7 @@ class RequestState(dict[str, Any]):
         key: str,
         factory: Callable[[], Any],
         opener: Callable[[], Awaitable[Any]],
+        source: Any = None,
     ) -> bool:
         """Serve ``key`` from ``factory`` on first access; ``False`` if ``key`` is taken.
 
@@ -52,12 +55,15 @@ class RequestState(dict[str, Any]):
         self._factories[key] = factory
         self._openers[key] = opener
         self.names[name] = key
+        if source is not None:
+            self.sources[name] = source
         return True
 
-    def withdraw(self, key: str, factory: Callable[[], Any]) -> None:
+    def withdraw(self, name: str, key: str, factory: Callable[[], Any]) -> None:
         """After the request: later first accesses of ``key`` go to ``factory`` instead."""
         self._factories[key] = factory
         self._openers.pop(key, None)
+        self.sources.pop(name, None)
 
     async def open(self, key: str) -> Any:
         """The value of ``key``, created through its awaitable opener if not created yet."""

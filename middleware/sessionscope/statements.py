@@ -9,6 +9,8 @@ see the same tally object, so their increments land where the middleware reads t
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar, Token
 from threading import get_ident
 from typing import Any, Final
@@ -51,6 +53,16 @@ class StatementTally:
         if self._token is not None:
             _CURRENT.reset(self._token)
             self._token = None
+
+
+@contextmanager
+def detached() -> Iterator[None]:
+    """Run a block outside the current request's tally (its statements are not counted)."""
+    token = _CURRENT.set(None)
+    try:
+        yield
+    finally:
+        _CURRENT.reset(token)
 
 
 def install(engine: Engine) -> None:

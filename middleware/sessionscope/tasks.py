@@ -1,0 +1,224 @@
+"""Sessions for concurrent work inside one request: one session per task.
+
+A session must never be used by two tasks at once, so the request session cannot be shared
+with ``asyncio.gather`` or an anyio task group. These helpers give each task its own session
+from the same sessionmaker as the request session (same engine, same options, same session
+class)::
+
+    async def endpoint(request):
+        async def load_user(session):
+            return (await session.execute(select(User).where(User.id == 1))).scalar_one()
+
+        async def load_orders(session):
+            return (await session.execute(select(Order))).scalars().all()
+
+        user, orders = await gather_with_sessions(request, load_user, load_orders, commit=False)
+
+    async def one_task(request):
+        async with task_session(request) as session:
+            session.add(AuditEntry(...))
+
+What happens to a task session:
+
+* **commit** (``commit=True``, the default): the task's work is committed when the task
+  ends without an exception. This is independent of the request's response status: a task
+  session is its own unit of work, like :func:`sessionscope.session_scope`, and its commit
+  is not undone when the request later answers ``4xx``. Pass ``commit=False`` for read-only
+  fan-out; the transaction then ends with a rollback.
+* **rollback**: when the task raises or is cancelled (e.g. because a sibling task failed),
+  its transaction is rolled back.
+* **close**: always, shielded from cancellation; the connection goes back to the pool.
+
+Each task checks out its own connection: a request running ``n`` tasks may hold ``n + 1``
+connections at once (its own session's, if it used one). Size the pool for it.
+
+Task sessions are not the request session: their statements are not counted in the
+request's ``statements`` and their writes are never reported as late writes.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any, TypeVar, overload
+
+import anyio
+import anyio.to_thread
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from . import statements
+from .errors import ConfigurationError, SessionNotAvailableError
+from .request_state import RequestState
+from .source import AnySession, SessionSource
+
+__all__ = ["gather_with_sessions", "task_session"]
+
+S = TypeVar("S", bound=AnySession)
+
+TaskFunction = Callable[[Any], Awaitable[Any]] | Callable[[Any], Any]
+"""``async def fn(session)`` or ``def fn(session)`` (run off the event loop, see below)."""
+
+
+@overload
+def task_session(
+    request: Any, name: str | None = None, *, commit: bool = True, kind: None = None
+) -> AbstractAsyncContextManager[Any]: ...
+
+
+@overload
+def task_session(
+    request: Any, name: str | None = None, *, commit: bool = True, kind: type[S]
+) -> AbstractAsyncContextManager[S]: ...
+
+
+def task_session(
+    request: Any,
+    name: str | None = None,
+    *,
+    commit: bool = True,
+    kind: type[Any] | None = None,
+) -> AbstractAsyncContextManager[Any]:
+    """A new session for one task of ``request``, from the request session's sessionmaker.
+
+    ``async with task_session(request) as session:`` commits on success when ``commit`` is
+    true, rolls back on an exception or cancellation, and always closes the session.
+
+    Args:
+        request: the Starlette/FastAPI ``Request`` (or ``WebSocket``), or its ASGI scope.
+        name: the database, as named in ``DBSessionMiddleware(name=...)``; by default the
+            only one, or the one named ``"default"``.
+        commit: commit the task's transaction when the block ends without an exception.
+        kind: ``Session`` or ``AsyncSession``: the expected session type (for type checkers,
+            and a clear error on a mismatch).
+    """
+    source = request_session_source(_scope_of(request), name)
+    return _task_session(source, commit=commit, kind=kind)
+
+
+async def gather_with_sessions(
+    request: Any,
+    *functions: TaskFunction,
+    name: str | None = None,
+    commit: bool = True,
+) -> list[Any]:
+    """Run ``functions`` concurrently, each with a session of its own; their results in order.
+
+    Each function is called with its task's session:
+
+    * ``async def fn(session)`` is awaited on the event loop (use it with an async database);
+    * ``def fn(session)`` runs in a worker thread with a sync ``Session`` (with an async
+      database, the ``AsyncSession``'s ``sync_session``, through ``run_sync``).
+
+    The tasks run in an anyio task group: when one raises, the others are cancelled and
+    their transactions rolled back, and the errors are raised as an ``ExceptionGroup``
+    (catch them with ``except*``). Tasks that had already finished keep their commits.
+    """
+    source = request_session_source(_scope_of(request), name)
+    results: list[Any] = [None] * len(functions)
+
+    async def run(index: int, function: TaskFunction) -> None:
+        async with _task_session(source, commit=commit, kind=None) as session:
+            results[index] = await _call_with(function, session)
+
+    async with anyio.create_task_group() as group:
+        for index, function in enumerate(functions):
+            group.start_soon(run, index, function)
+    return results
+
+
+# -- one task's session --------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def _task_session(
+    source: SessionSource, *, commit: bool, kind: type[Any] | None
+) -> AsyncIterator[Any]:
+    session = source.new_session()
+    if kind is not None and not isinstance(session, kind):
+        await _finish(session, "close")
+        raise SessionNotAvailableError(
+            f"task_session(kind={kind.__name__}) but the database gives "
+            f"{type(session).__name__} sessions."
+        )
+    with statements.detached():
+        try:
+            yield session
+        except BaseException:
+            await _finish(session, "close")  # close() rolls the transaction back
+            raise
+        if commit:
+            try:
+                await _finish(session, "commit")
+            except BaseException:
+                await _finish(session, "close")
+                raise
+        await _finish(session, "close")
+
+
+async def _finish(session: AnySession, method: str) -> None:
+    """``commit`` or ``close``, shielded from cancellation, off the event loop for sync."""
+    with anyio.CancelScope(shield=True):
+        if isinstance(session, AsyncSession):
+            await getattr(session, method)()
+        else:
+            await anyio.to_thread.run_sync(getattr(session, method))
+
+
+async def _call_with(function: TaskFunction, session: AnySession) -> Any:
+    if inspect.iscoroutinefunction(function):
+        return await function(session)
+    if isinstance(session, AsyncSession):
+        result = await session.run_sync(function)
+    else:
+        result = await anyio.to_thread.run_sync(function, session)
+    if inspect.isawaitable(result):
+        if inspect.iscoroutine(result):
+            result.close()
+        raise ConfigurationError(
+            f"gather_with_sessions(): {function!r} returned an awaitable; declare it "
+            "`async def fn(session)` so it runs on the event loop."
+        )
+    return result
+
+
+def _scope_of(request: Any) -> Mapping[str, Any]:
+    scope = getattr(request, "scope", request)
+    if not isinstance(scope, Mapping) or "type" not in scope:
+        raise ConfigurationError(
+            "expected a Starlette Request/WebSocket or an ASGI scope, "
+            f"not {type(request).__name__}."
+        )
+    return scope
+
+
+def request_session_source(scope: Mapping[str, Any], name: str | None = None) -> SessionSource:
+    """The session source of database ``name`` of the request with this ASGI ``scope``."""
+    state = scope.get("state")
+    if not isinstance(state, RequestState) or not state.names:
+        raise SessionNotAvailableError(
+            f"no DBSessionMiddleware handles {scope.get('path')!r}: task sessions come from "
+            "the request's DBSessionMiddleware."
+        )
+    wanted = name
+    if wanted is None:
+        wanted = next(iter(state.names)) if len(state.names) == 1 else "default"
+    if wanted not in state.names:
+        raise SessionNotAvailableError(
+            f"no DBSessionMiddleware named {wanted!r}; this request has "
+            f"{sorted(state.names)}. Pass name=."
+        )
+    return _source_of(state, wanted)
+
+
+def _source_of(state: RequestState, name: str) -> SessionSource:
+    """The middleware's ``SessionSource`` for ``name``, while the request runs."""
+    source: SessionSource | None = state.sources.get(name)
+    if source is None:
+        # the middleware withdraws the request's sources once the request has finished
+        raise SessionNotAvailableError(
+            f"the request has finished: task sessions of database {name!r} are opened while "
+            "it runs; work that outlives the request needs its own session, e.g. "
+            "`async with session_scope(engine) as session:`."
+        )
+    return source
