@@ -5,7 +5,12 @@ response status before the client sees that status, and always closes it.
 ``session_scope`` does the same for work outside requests.
 """
 
-from .errors import ConfigurationError, SessionClosedError, SessionNotAvailableError
+from .errors import (
+    ConfigurationError,
+    ReadOnlyRequestError,
+    SessionClosedError,
+    SessionNotAvailableError,
+)
 from .hooks import on_commit
 from .middleware import DBSessionMiddleware
 from .policy import commit_below_400
@@ -14,6 +19,7 @@ from .scope import session_scope
 __all__ = [
     "ConfigurationError",
     "DBSessionMiddleware",
+    "ReadOnlyRequestError",
     "SessionClosedError",
     "SessionNotAvailableError",
     "commit_below_400",

@@ -18,3 +18,7 @@ class SessionClosedError(RuntimeError):
 
 class SessionNotAvailableError(RuntimeError):
     """A request asked for a session that no ``DBSessionMiddleware`` provides."""
+
+
+class ReadOnlyRequestError(RuntimeError):
+    """A request routed to the read replica tried to write."""

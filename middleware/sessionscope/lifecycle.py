@@ -77,14 +77,21 @@ class SessionSettings:
     reporter: Reporter
     create_lock: threading.Lock
     slots: SessionSlots | None
+    replica: SessionSource | None = None
+    """Where requests with a read-only method get their session (``replica_engine=``)."""
+    replica_slots: SessionSlots | None = None
+    read_only_methods: frozenset[str] = frozenset()
 
     def install_guard(self) -> None:
-        """Make sessions from this source refuse to start a transaction once closed."""
-        target: Any = self.source.factory
-        if self.source.is_async:
-            target = target.kw.get("sync_session_class") or target.class_.sync_session_class
-        if not event.contains(target, "after_transaction_create", _refuse_if_closed):
-            event.listen(target, "after_transaction_create", _refuse_if_closed)
+        """Make sessions from these sources refuse to start a transaction once closed."""
+        for source in (self.source, self.replica):
+            if source is None:
+                continue
+            target: Any = source.factory
+            if source.is_async:
+                target = target.kw.get("sync_session_class") or target.class_.sync_session_class
+            if not event.contains(target, "after_transaction_create", _refuse_if_closed):
+                event.listen(target, "after_transaction_create", _refuse_if_closed)
 
 
 class RequestSession(StatementTally):
@@ -107,6 +114,8 @@ class RequestSession(StatementTally):
         "session",
         "settings",
         "slot",
+        "slots",
+        "source",
         "state",
         "status",
     )
@@ -114,7 +123,13 @@ class RequestSession(StatementTally):
     def __init__(
         self, settings: SessionSettings, scope: Scope, state: RequestState, send: Send
     ) -> None:
-        StatementTally.__init__(self, settings.source.pool)
+        if settings.replica is not None and scope["method"] in settings.read_only_methods:
+            self.source, self.slots = settings.replica, settings.replica_slots
+            StatementTally.__init__(self, self.source.pool)
+            self.read_only = True
+        else:
+            self.source, self.slots = settings.source, settings.slots
+            StatementTally.__init__(self, self.source.pool)
         self.settings = settings
         self.scope = scope
         self.state = state
@@ -144,7 +159,7 @@ class RequestSession(StatementTally):
             if self.session is None:
                 if self.phase is Phase.CLOSED:
                     raise closed_error(self.settings, route_template(self.scope), "requested")
-                session = self.settings.source.new_session()
+                session = self.source.new_session()
                 session.info[REQUEST_KEY] = self
                 self.opened_at = perf_counter()
                 self.session = session
@@ -154,7 +169,7 @@ class RequestSession(StatementTally):
 
     async def open_async(self) -> AnySession:
         """The request's session, first waiting on the loop for a pool slot (sync engines)."""
-        slots = self.settings.slots
+        slots = self.slots
         if self.session is None and slots is not None and self.slot is None and not self.started:
             self.slot = slots.try_acquire()
             if self.slot is None:

@@ -25,7 +25,7 @@ from .reporting import LEVELS, Reporter
 from .request_state import RequestState
 from .session_calls import SessionCalls
 from .slots import SessionSlots
-from .source import resolve_source
+from .source import SessionSource, replica_source, resolve_source
 
 _OWNER = "DBSessionMiddleware"
 
@@ -60,6 +60,10 @@ class DBSessionMiddleware:
             server-sent events); never reported as leaks.
         closed_log_level: level of the one ``db_session.closed`` event per session
             (``"debug"``, ``"info"``, ``"warning"``, ``"error"``), or ``None`` for none.
+        replica_engine: a read replica: requests whose method is in ``read_only_methods``
+            get their session from it, and any write they attempt raises
+            ``ReadOnlyRequestError``.
+        read_only_methods: the methods routed to ``replica_engine``.
     """
 
     def __init__(
@@ -80,6 +84,8 @@ class DBSessionMiddleware:
         leak_threshold: float | None = 60.0,
         leak_exempt_routes: Iterable[str] = (),
         closed_log_level: str | None = "debug",
+        replica_engine: Engine | AsyncEngine | None = None,
+        read_only_methods: Iterable[str] = ("GET", "HEAD"),
     ) -> None:
         source = resolve_source(
             engine=engine,
@@ -129,6 +135,14 @@ class DBSessionMiddleware:
             raise ConfigurationError(
                 f"{_OWNER}: max_routes must be a positive integer, got {max_routes!r}."
             )
+        if isinstance(read_only_methods, str):
+            raise ConfigurationError(
+                f"{_OWNER}: read_only_methods must be a collection of HTTP methods, "
+                f"e.g. ({read_only_methods!r},), not a single string."
+            )
+        replica = (
+            None if replica_engine is None else replica_source(source, replica_engine, owner=_OWNER)
+        )
         _refuse_duplicates(app, name=name, state_key=state_key)
         self.app = app
         self.name = name
@@ -149,6 +163,8 @@ class DBSessionMiddleware:
             db_metrics.leak_threshold.set(leak_threshold or 0)
             if source.engine is not None:
                 reporter.pool = instrument_pool(source.engine, db_metrics.metrics, name)
+            if replica is not None and replica.engine is not None:
+                instrument_pool(replica.engine, db_metrics.metrics, f"{name}_replica")
         self.settings = SessionSettings(
             name=name,
             state_key=state_key,
@@ -157,15 +173,15 @@ class DBSessionMiddleware:
             calls=SessionCalls(is_async=source.is_async, name=name),
             reporter=reporter,
             create_lock=threading.Lock(),
-            slots=(
-                SessionSlots.for_engine(source.engine, name)
-                if source.engine is not None and not source.is_async
-                else None
-            ),
+            slots=_slots(source, name),
+            replica=replica,
+            replica_slots=None if replica is None else _slots(replica, f"{name}_replica"),
+            read_only_methods=frozenset(m.upper() for m in read_only_methods),
         )
         self.settings.install_guard()
-        if source.engine is not None:
-            statements.install(source.engine)
+        for each in (source, replica):
+            if each is not None and each.engine is not None:
+                statements.install(each.engine)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in self.exclude_paths:
@@ -197,6 +213,12 @@ class DBSessionMiddleware:
             await rs.finish(None)
         finally:
             rs.deactivate()
+
+
+def _slots(source: SessionSource, name: str) -> SessionSlots | None:
+    if source.engine is None or source.is_async:
+        return None
+    return SessionSlots.for_engine(source.engine, name)
 
 
 def _refuse_duplicates(app: ASGIApp, *, name: str, state_key: str) -> None:

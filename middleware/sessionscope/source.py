@@ -111,3 +111,27 @@ def _sync_engine(bind: object) -> Engine | None:
     if isinstance(bind, Engine):
         return bind
     return None
+
+
+def replica_source(primary: SessionSource, replica: object, *, owner: str) -> SessionSource:
+    """A source like ``primary`` (same session class and options) bound to ``replica``."""
+    if primary.is_async and not isinstance(replica, AsyncEngine):
+        raise ConfigurationError(
+            f"{owner}: the database is async, so replica_engine= must be an AsyncEngine, "
+            f"not {type(replica).__name__}."
+        )
+    if not primary.is_async and not isinstance(replica, Engine):
+        raise ConfigurationError(
+            f"{owner}: replica_engine= must be a sync Engine like the primary, "
+            f"not {type(replica).__name__}."
+        )
+    options = {k: v for k, v in primary.factory.kw.items() if k != "bind"}
+    factory: sessionmaker[Any] | async_sessionmaker[Any]
+    if isinstance(primary.factory, async_sessionmaker):
+        assert isinstance(replica, AsyncEngine)
+        factory = async_sessionmaker(replica, class_=primary.factory.class_, **options)
+        return SessionSource(factory, True, replica.sync_engine)
+    assert isinstance(replica, Engine)
+    # sessionmaker() makes a subclass of the class it is given: hand it the user's class.
+    base = primary.factory.class_.__bases__[0]
+    return SessionSource(sessionmaker(replica, class_=base, **options), False, replica)

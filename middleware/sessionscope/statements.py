@@ -19,6 +19,8 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.pool import Pool
 
+from .errors import ReadOnlyRequestError
+
 _CURRENT: Final[ContextVar[StatementTally | None]] = ContextVar(
     "sessionscope_statement_tally", default=None
 )
@@ -31,7 +33,16 @@ _WRITE_PREFIX: Final = re.compile(
 class StatementTally:
     """Statements one request ran on one engine, and writes run after the commit decision."""
 
-    __slots__ = ("_token", "late", "late_writes", "parent", "pool", "statements", "thread")
+    __slots__ = (
+        "_token",
+        "late",
+        "late_writes",
+        "parent",
+        "pool",
+        "read_only",
+        "statements",
+        "thread",
+    )
 
     def __init__(self, pool: Pool | None) -> None:
         self.pool = pool
@@ -40,6 +51,8 @@ class StatementTally:
         self.late_writes = 0
         self.parent: StatementTally | None = None
         self.thread = 0
+        self.read_only = False
+        """Writes raise :class:`~sessionscope.errors.ReadOnlyRequestError` (replica requests)."""
         """The thread that ran the latest statement (where a held session is being used)."""
         self._token: Token[StatementTally | None] | None = None
 
@@ -90,6 +103,12 @@ def _on_statement(
         tally = parent
     tally.statements += 1
     tally.thread = get_ident()
+    if tally.read_only and _is_write(statement, context):
+        raise ReadOnlyRequestError(
+            "this request was routed to the read replica (its method is read-only), so it "
+            "must not write; send writes with a non-read-only method, or leave this method "
+            "out of read_only_methods"
+        )
     if tally.late and _is_write(statement, context):
         tally.late_writes += 1
 

@@ -1,0 +1,154 @@
+"""replica_engine=: read-only requests read from the replica, and cannot write."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+from prometheus_client import CollectorRegistry
+from sessionscope import ConfigurationError, DBSessionMiddleware, ReadOnlyRequestError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from structlog.testing import capture_logs
+
+from .metric_support import value
+from .support import BACKENDS, Backend, driver_url, items, make_backend, metadata, postgres_url
+
+pytestmark = pytest.mark.anyio
+
+
+@dataclass
+class Replicated:
+    primary: Backend
+    replica: sa.engine.Engine | AsyncEngine
+    replica_check: sa.engine.Engine
+
+
+@pytest.fixture(params=BACKENDS)
+async def replicated(request: pytest.FixtureRequest, tmp_path: Any) -> AsyncIterator[Replicated]:
+    """A primary and a 'replica' holding different rows, so reads show where they went."""
+    kind: str = request.param
+    primary = make_backend(kind, tmp_path)
+    if kind.startswith("sqlite"):
+        file = tmp_path / "replica.db"
+        check = sa.create_engine(f"sqlite:///{file}")
+        metadata.create_all(check)
+        driver = "sqlite+aiosqlite" if kind == "sqlite-async" else "sqlite"
+        url = f"{driver}:///{file}"
+        options: dict[str, Any] = {}
+    else:
+        base = postgres_url()
+        assert base is not None
+        check = sa.create_engine(
+            driver_url(base, async_=False), connect_args={"options": "-csearch_path=ss_replica"}
+        )
+        with check.begin() as conn:
+            conn.execute(sa.text("DROP SCHEMA IF EXISTS ss_replica CASCADE"))
+            conn.execute(sa.text("CREATE SCHEMA ss_replica"))
+            metadata.create_all(conn)
+        url = driver_url(base, async_=kind == "pg-async")
+        options = (
+            {"connect_args": {"server_settings": {"search_path": "ss_replica"}}}
+            if kind == "pg-async"
+            else {"connect_args": {"options": "-csearch_path=ss_replica"}}
+        )
+    with check.begin() as conn:
+        conn.execute(items.insert().values(name="on-replica"))
+    replica: Any = (
+        create_async_engine(url, **options)
+        if kind.endswith("async")
+        else sa.create_engine(url, **options)
+    )
+    try:
+        yield Replicated(primary, replica, check)
+        sync_replica = replica.sync_engine if isinstance(replica, AsyncEngine) else replica
+        assert sync_replica.pool.checkedout() == 0
+        assert primary.checkedout() == 0
+    finally:
+        if isinstance(replica, AsyncEngine):
+            await replica.dispose()
+        else:
+            replica.dispose()
+        check.dispose()
+        await primary.dispose()
+
+
+def replicated_app(db: Replicated, **options: Any) -> Starlette:
+    async def names(request: Request) -> JSONResponse:
+        session = request.state.db
+        rows = await db.primary.run(session, lambda s: s.execute(sa.select(items.c.name)).all())
+        return JSONResponse([r[0] for r in rows])
+
+    async def write(request: Request) -> JSONResponse:
+        await db.primary.insert(request.state.db, "written")
+        return JSONResponse({}, status_code=201)
+
+    routes = [
+        Route("/names", names, methods=["GET", "POST"]),
+        Route("/write", write, methods=["GET", "POST"]),
+    ]
+    app = Starlette(routes=routes)
+    options.setdefault("registry", CollectorRegistry())
+    app.add_middleware(
+        DBSessionMiddleware, engine=db.primary.engine, replica_engine=db.replica, **options
+    )
+    return app
+
+
+def client(app: Any, raise_errors: bool = True) -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=raise_errors)
+    return httpx.AsyncClient(transport=transport, base_url="http://t")
+
+
+async def test_get_requests_read_from_the_replica_and_others_from_the_primary(
+    replicated: Replicated,
+) -> None:
+    async with client(replicated_app(replicated)) as c:
+        assert (await c.get("/names")).json() == ["on-replica"]
+        assert (await c.post("/names")).json() == []
+        assert (await c.post("/write")).status_code == 201
+    assert replicated.primary.names() == ["written"]
+
+
+async def test_a_write_in_a_read_only_request_fails_loudly_and_writes_nothing(
+    replicated: Replicated,
+) -> None:
+    with capture_logs():
+        async with client(replicated_app(replicated)) as c:
+            with pytest.raises(ReadOnlyRequestError, match="read replica"):
+                await c.get("/write")
+    assert replicated.primary.names() == []
+    with replicated.replica_check.connect() as conn:
+        assert conn.execute(sa.select(items.c.name)).scalars().all() == ["on-replica"]
+
+
+async def test_the_read_only_methods_are_configurable(replicated: Replicated) -> None:
+    app = replicated_app(replicated, read_only_methods=("POST",))
+    async with client(app) as c:
+        assert (await c.post("/names")).json() == ["on-replica"]
+        assert (await c.get("/names")).json() == []
+
+
+async def test_the_replica_pool_has_its_own_metrics(replicated: Replicated) -> None:
+    registry = CollectorRegistry()
+    async with client(replicated_app(replicated, registry=registry)) as c:
+        await c.get("/names")
+    assert value(registry, "db_pool_connections_created_total", db="default_replica") >= 1
+    assert value(registry, "db_sessions_closed_total", route="/names", outcome="commit") == 1
+
+
+def test_a_replica_of_another_kind_is_refused() -> None:
+    primary = sa.create_engine("sqlite://")
+    replica = create_async_engine("sqlite+aiosqlite://")
+    with pytest.raises(ConfigurationError, match="must be a sync Engine like the primary"):
+        DBSessionMiddleware(
+            Starlette(), engine=primary, replica_engine=replica, registry=CollectorRegistry()
+        )
+    primary.dispose()
