@@ -116,6 +116,7 @@ class RequestSession(StatementTally):
         "slot",
         "slots",
         "source",
+        "span",
         "state",
         "status",
     )
@@ -143,6 +144,7 @@ class RequestSession(StatementTally):
         self.replaced = False
         self.request_id: str | None = None
         self.hooks: CommitHooks | None = None
+        self.span: Any = None
         self.opened_at = 0.0
         self.closed_at = 0.0
 

@@ -19,6 +19,7 @@ from .errors import ConfigurationError
 from .leaks import LeakRegistry
 from .lifecycle import RequestSession, SessionSettings
 from .metrics import DEFAULT_MAX_ROUTES, Metrics
+from .otel import SessionSpans
 from .policy import CommitPolicy, commit_below_400
 from .pool import instrument_pool
 from .reporting import LEVELS, Reporter
@@ -64,6 +65,8 @@ class DBSessionMiddleware:
             get their session from it, and any write they attempt raises
             ``ReadOnlyRequestError``.
         read_only_methods: the methods routed to ``replica_engine``.
+        tracer_provider: the OpenTelemetry ``TracerProvider`` for ``db.session`` spans
+            (default: the global one; no spans when none is configured).
     """
 
     def __init__(
@@ -86,6 +89,7 @@ class DBSessionMiddleware:
         closed_log_level: str | None = "debug",
         replica_engine: Engine | AsyncEngine | None = None,
         read_only_methods: Iterable[str] = ("GET", "HEAD"),
+        tracer_provider: Any = None,
     ) -> None:
         source = resolve_source(
             engine=engine,
@@ -152,6 +156,7 @@ class DBSessionMiddleware:
             Metrics.on(registry, namespace).for_db(name, max_routes=max_routes) if metrics else None
         )
         reporter = Reporter(name=name, closed_level=closed_log_level, metrics=db_metrics)
+        reporter.spans = SessionSpans.create(tracer_provider)
         if leak_threshold is not None:
             reporter.leaks = LeakRegistry(
                 threshold=float(leak_threshold),

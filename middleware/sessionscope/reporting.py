@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from .leaks import LeakRegistry, Suspect
     from .lifecycle import RequestSession
     from .metrics import DbMetrics
+    from .otel import SessionSpans
     from .pool import PoolInstruments
 
 LOGGER_NAME: Final = "sessionscope"
@@ -44,6 +45,7 @@ class Reporter:
         self.metrics = metrics
         self.leaks = leaks
         self.pool: PoolInstruments | None = None
+        self.spans: SessionSpans | None = None
         self._log: Any = structlog.get_logger(LOGGER_NAME)
         self._closed_level = None if closed_level is None else LEVELS[closed_level]
         self._correlation = correlation_id_source()
@@ -62,6 +64,8 @@ class Reporter:
 
     def opened(self, rs: RequestSession) -> None:
         """A request created its session."""
+        if self.spans is not None:
+            rs.span = self.spans.start(self.name)
         if self.metrics is not None:
             self.metrics.open.inc()
         if self.leaks is not None:
@@ -165,6 +169,9 @@ class Reporter:
     def closed(self, rs: RequestSession) -> None:
         """The session is closed: count it, resolve a reported leak, emit the canonical event."""
         duration = rs.duration
+        if rs.span is not None and self.spans is not None:
+            self.spans.end(rs.span, rs)
+            rs.span = None
         metrics = self.metrics
         route = route_template(rs.scope)
         if metrics is not None:

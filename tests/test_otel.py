@@ -1,0 +1,92 @@
+"""OpenTelemetry: one db.session span per request session, child of the request span."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
+from prometheus_client import CollectorRegistry
+from sessionscope import DBSessionMiddleware
+
+from .support import Backend, children, request
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def traced() -> tuple[TracerProvider, InMemorySpanExporter]:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return provider, exporter
+
+
+def traced_app(backend: Backend, provider: TracerProvider, status: int, fail: bool = False) -> Any:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        session = scope["state"]["db"]
+        if fail:
+            statement = children.insert().values(id=1, parent_id=3)
+            await backend.run(session, lambda s: s.execute(statement))
+        else:
+            await backend.insert(session, "traced")
+        await send({"type": "http.response.start", "status": status})
+        await send({"type": "http.response.body"})
+
+    inner = DBSessionMiddleware(
+        app, engine=backend.engine, registry=CollectorRegistry(), tracer_provider=provider
+    )
+    tracer = provider.get_tracer("test")
+
+    async def with_request_span(scope: Any, receive: Any, send: Any) -> None:
+        with tracer.start_as_current_span("GET /items"):
+            await inner(scope, receive, send)
+
+    return with_request_span
+
+
+async def test_a_request_session_is_one_span_under_the_request_span(
+    backend: Backend, traced: tuple[TracerProvider, InMemorySpanExporter]
+) -> None:
+    provider, exporter = traced
+    await request(traced_app(backend, provider, 201))
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    session_span = spans["db.session"]
+    assert session_span.parent is not None
+    assert session_span.parent.span_id == spans["GET /items"].context.span_id
+    assert session_span.attributes == {
+        "db.session.name": "default",
+        "db.session.outcome": "commit",
+        "db.session.statements": 1,
+        "http.response.status_code": 201,
+    }
+
+
+async def test_the_span_tells_a_rollback_and_its_reason(
+    backend: Backend, traced: tuple[TracerProvider, InMemorySpanExporter]
+) -> None:
+    provider, exporter = traced
+    await request(traced_app(backend, provider, 409))
+    (span,) = [s for s in exporter.get_finished_spans() if s.name == "db.session"]
+    assert span.attributes is not None
+    assert span.attributes["db.session.outcome"] == "rollback"
+    assert span.attributes["db.session.reason"] == "status_4xx"
+
+
+async def test_a_failed_commit_marks_the_span_as_an_error(
+    backend: Backend, traced: tuple[TracerProvider, InMemorySpanExporter]
+) -> None:
+    provider, exporter = traced
+    await request(traced_app(backend, provider, 200, fail=True))
+    (span,) = [s for s in exporter.get_finished_spans() if s.name == "db.session"]
+    assert span.status.status_code is StatusCode.ERROR
+
+
+async def test_without_a_configured_tracer_provider_no_spans_are_made(backend: Backend) -> None:
+    middleware = DBSessionMiddleware(
+        lambda *a: None, engine=backend.engine, registry=CollectorRegistry()
+    )
+    assert middleware.settings.reporter.spans is None
