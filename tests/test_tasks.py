@@ -14,6 +14,7 @@ from typing import Any
 import anyio
 import pytest
 import sqlalchemy as sa
+from prometheus_client import CollectorRegistry
 from sessionscope import ConfigurationError, DBSessionMiddleware, SessionNotAvailableError
 from sessionscope.tasks import gather_with_sessions, task_session
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -21,6 +22,7 @@ from sqlalchemy.orm import Session
 from starlette.requests import Request
 from structlog.testing import capture_logs
 
+from .metric_support import value
 from .support import Backend, http_scope, items, make_backend, request
 
 pytestmark = pytest.mark.anyio
@@ -39,7 +41,9 @@ async def async_backend(request: pytest.FixtureRequest, tmp_path: Any) -> AsyncI
         await db.dispose()
 
 
-def endpoint(backend: Backend, body: Any) -> DBSessionMiddleware:
+def endpoint(
+    backend: Backend, body: Any, registry: CollectorRegistry | None = None
+) -> DBSessionMiddleware:
     """An app that runs ``await body(scope)`` and answers 200 (or what ``body`` returns)."""
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
@@ -47,7 +51,7 @@ def endpoint(backend: Backend, body: Any) -> DBSessionMiddleware:
         await send({"type": "http.response.start", "status": status})
         await send({"type": "http.response.body"})
 
-    return DBSessionMiddleware(app, engine=backend.engine)
+    return DBSessionMiddleware(app, engine=backend.engine, registry=registry or CollectorRegistry())
 
 
 def concurrent_writers(backend: Backend, seen: list[Any], checked_out: list[int]) -> list[Any]:
@@ -147,6 +151,29 @@ async def test_results_come_back_in_argument_order_whatever_order_tasks_finish(
 
     await request(endpoint(backend, body))
     assert results == list(range(TASKS))
+
+
+async def test_task_sessions_are_counted_in_the_metrics_like_request_sessions(
+    backend: Backend,
+) -> None:
+    registry = CollectorRegistry()
+
+    async def body(scope: Any) -> None:
+        def write(session: Session) -> None:
+            session.execute(items.insert().values(name=f"task-{id(session)}"))
+
+        def read(session: Session) -> None:
+            session.execute(sa.select(items.c.name))
+
+        await gather_with_sessions(scope, write, write, commit=True)
+        await gather_with_sessions(scope, read, commit=False)
+
+    await request(endpoint(backend, body, registry))
+    closed = "db_sessions_closed_total"
+    assert value(registry, closed, route="__unmatched__", outcome="commit") == 2
+    assert value(registry, closed, route="__unmatched__", outcome="rollback") == 1
+    assert value(registry, "db_session_duration_seconds_count", outcome="commit") == 2
+    assert value(registry, "db_sessions_open") == 0
 
 
 async def test_task_writes_are_rolled_back_with_commit_false(backend: Backend) -> None:
@@ -301,7 +328,7 @@ async def test_a_lambda_returning_a_coroutine_is_refused_with_a_fix(backend: Bac
 
 
 async def test_task_sessions_need_the_middleware(backend: Backend) -> None:
-    with pytest.raises(SessionNotAvailableError, match="no DBSessionMiddleware handles '/'"):
+    with pytest.raises(SessionNotAvailableError, match="no DBSessionMiddleware handles this request"):
         async with task_session(http_scope("/")):
             pass
 

@@ -32,22 +32,10 @@ def get_session(name: str | None = None, *, kind: type[Any] | None = None) -> Se
 
     async def request_session(request: HTTPConnection) -> Any:
         state = request.scope.get("state")
-        if not isinstance(state, RequestState) or not state.names:
-            raise SessionNotAvailableError(
-                f"no DBSessionMiddleware handles {request.url.path!r}: add it with "
-                "app.add_middleware(DBSessionMiddleware, engine=...) or remove the path from "
-                "its exclude_paths."
-            )
-        wanted = name
-        if wanted is None:
-            wanted = next(iter(state.names)) if len(state.names) == 1 else "default"
-        key = state.names.get(wanted)
-        if key is None:
-            raise SessionNotAvailableError(
-                f"no DBSessionMiddleware named {wanted!r}; this request has "
-                f"{sorted(state.names)}. Pass name= to get_session()."
-            )
-        session = await state.open(key)
+        if not isinstance(state, RequestState):
+            state = RequestState(None)  # no middleware ran: resolve() says what to do
+        wanted = state.resolve(name, asked_by=f"the route {request.url.path!r}")
+        session = await state.open(state.names[wanted])
         if kind is not None and not isinstance(session, kind):
             raise SessionNotAvailableError(
                 f"the route asks for a {kind.__name__} but database {wanted!r} gives "

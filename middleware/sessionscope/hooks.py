@@ -84,6 +84,7 @@ def on_commit(
 
 def _request_session(target: Any, name: str | None) -> RequestSession:
     from .lifecycle import REQUEST_KEY
+    from .request_state import RequestState
 
     info = getattr(target, "info", None)
     if isinstance(info, dict) and REQUEST_KEY in info:
@@ -91,15 +92,10 @@ def _request_session(target: Any, name: str | None) -> RequestSession:
         return rs
     scope = getattr(target, "scope", None)
     state = scope.get("state") if isinstance(scope, dict) else None
-    from .request_state import RequestState
-
-    if isinstance(state, RequestState) and state.names:
-        wanted = name or (next(iter(state.names)) if len(state.names) == 1 else "default")
-        key = state.names.get(wanted)
-        if key is not None:
-            session = state[key]
-            return _request_session(session, None)
-    raise SessionNotAvailableError(
-        "on_commit() needs the request (or its session) of a request handled by "
-        "DBSessionMiddleware; for work outside requests, act after session_scope() exits."
-    )
+    if not isinstance(state, RequestState):
+        raise SessionNotAvailableError(
+            "on_commit() needs the request (or its session) of a request handled by "
+            "DBSessionMiddleware; for work outside requests, act after session_scope() exits."
+        )
+    wanted = state.resolve(name, asked_by="on_commit()")
+    return _request_session(state[state.names[wanted]], None)

@@ -71,6 +71,20 @@ class Reporter:
         if self.leaks is not None:
             self.leaks.add(rs)
 
+    def task_opened(self) -> None:
+        """A per-task session (``sessionscope.tasks``) was created."""
+        if self.metrics is not None:
+            self.metrics.open.inc()
+
+    def task_closed(self, route: str, outcome: str, seconds: float) -> None:
+        """A per-task session closed: counted like a request session of ``route``."""
+        if self.metrics is not None:
+            per_route = self.metrics.route(route)
+            per_route.closed[outcome].inc()
+            per_route.held.inc(seconds)
+            self.metrics.duration[outcome].observe(seconds)
+            self.metrics.open.dec()
+
     def committed(self, rs: RequestSession, seconds: float) -> None:
         """The request transaction committed in ``seconds``."""
         if self.metrics is not None:

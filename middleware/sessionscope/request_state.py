@@ -12,11 +12,13 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from .errors import SessionNotAvailableError
+
 
 class RequestState(dict[str, Any]):
     """A request's state dict that creates registered values on first access."""
 
-    __slots__ = ("_factories", "_openers", "_origin", "names", "sources")
+    __slots__ = ("_factories", "_openers", "_origin", "databases", "names")
 
     def __init__(self, origin: MutableMapping[str, Any] | None) -> None:
         super().__init__(origin or ())
@@ -25,8 +27,8 @@ class RequestState(dict[str, Any]):
         self._openers: dict[str, Callable[[], Awaitable[Any]]] = {}
         self.names: dict[str, str] = {}
         """Database name -> state key, for every middleware that handles this request."""
-        self.sources: dict[str, Any] = {}
-        """Database name -> its ``SessionSource``, while the request runs (per-task sessions)."""
+        self.databases: dict[str, Any] = {}
+        """Database name -> its middleware's ``SessionSettings``, while the request runs."""
 
     @classmethod
     def of(cls, scope: MutableMapping[str, Any]) -> RequestState:
@@ -44,7 +46,7 @@ class RequestState(dict[str, Any]):
         key: str,
         factory: Callable[[], Any],
         opener: Callable[[], Awaitable[Any]],
-        source: Any = None,
+        settings: Any = None,
     ) -> bool:
         """Serve ``key`` from ``factory`` on first access; ``False`` if ``key`` is taken.
 
@@ -55,15 +57,33 @@ class RequestState(dict[str, Any]):
         self._factories[key] = factory
         self._openers[key] = opener
         self.names[name] = key
-        if source is not None:
-            self.sources[name] = source
+        if settings is not None:
+            self.databases[name] = settings
         return True
+
+    def resolve(self, name: str | None, *, asked_by: str) -> str:
+        """The database name meant by ``name``: itself, else the only one, else ``default``."""
+        if not self.names:
+            raise SessionNotAvailableError(
+                f"{asked_by}: no DBSessionMiddleware handles this request; add it with "
+                "app.add_middleware(DBSessionMiddleware, engine=...) or remove the path from "
+                "its exclude_paths."
+            )
+        wanted = name
+        if wanted is None:
+            wanted = next(iter(self.names)) if len(self.names) == 1 else "default"
+        if wanted not in self.names:
+            raise SessionNotAvailableError(
+                f"{asked_by}: no DBSessionMiddleware named {wanted!r}; this request has "
+                f"{sorted(self.names)}. Pass name=."
+            )
+        return wanted
 
     def withdraw(self, name: str, key: str, factory: Callable[[], Any]) -> None:
         """After the request: later first accesses of ``key`` go to ``factory`` instead."""
         self._factories[key] = factory
         self._openers.pop(key, None)
-        self.sources.pop(name, None)
+        self.databases.pop(name, None)
 
     async def open(self, key: str) -> Any:
         """The value of ``key``, created through its awaitable opener if not created yet."""

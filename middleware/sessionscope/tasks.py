@@ -41,14 +41,18 @@ from __future__ import annotations
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from time import perf_counter
 from typing import Any, TypeVar, overload
 
 import anyio
 import anyio.to_thread
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from . import outcome as oc
 from . import statements
 from .errors import ConfigurationError, SessionNotAvailableError
+from .lifecycle import SessionSettings
+from .request_context import route_template
 from .request_state import RequestState
 from .source import AnySession, SessionSource
 
@@ -92,8 +96,8 @@ def task_session(
         kind: ``Session`` or ``AsyncSession``: the expected session type (for type checkers,
             and a clear error on a mismatch).
     """
-    source = request_session_source(_scope_of(request), name)
-    return _task_session(source, commit=commit, kind=kind)
+    scope = _scope_of(request)
+    return _task_session(_settings_of(scope, name), scope, commit=commit, kind=kind)
 
 
 async def gather_with_sessions(
@@ -114,11 +118,12 @@ async def gather_with_sessions(
     their transactions rolled back, and the errors are raised as an ``ExceptionGroup``
     (catch them with ``except*``). Tasks that had already finished keep their commits.
     """
-    source = request_session_source(_scope_of(request), name)
+    scope = _scope_of(request)
+    settings = _settings_of(scope, name)
     results: list[Any] = [None] * len(functions)
 
     async def run(index: int, function: TaskFunction) -> None:
-        async with _task_session(source, commit=commit, kind=None) as session:
+        async with _task_session(settings, scope, commit=commit, kind=None) as session:
             results[index] = await _call_with(function, session)
 
     async with anyio.create_task_group() as group:
@@ -132,28 +137,42 @@ async def gather_with_sessions(
 
 @asynccontextmanager
 async def _task_session(
-    source: SessionSource, *, commit: bool, kind: type[Any] | None
+    settings: SessionSettings, scope: Mapping[str, Any], *, commit: bool, kind: type[Any] | None
 ) -> AsyncIterator[Any]:
-    session = source.new_session()
+    session = settings.source.new_session()
     if kind is not None and not isinstance(session, kind):
         await _finish(session, "close")
         raise SessionNotAvailableError(
             f"task_session(kind={kind.__name__}) but the database gives "
             f"{type(session).__name__} sessions."
         )
-    with statements.detached():
-        try:
-            yield session
-        except BaseException:
-            await _finish(session, "close")  # close() rolls the transaction back
-            raise
-        if commit:
+    sync = session.sync_session if isinstance(session, AsyncSession) else session
+    reporter = settings.reporter
+    reporter.task_opened()
+    opened = perf_counter()
+    outcome = oc.UNUSED
+    try:
+        with statements.detached():
             try:
-                await _finish(session, "commit")
+                yield session
             except BaseException:
-                await _finish(session, "close")
+                outcome = oc.ROLLBACK if sync.in_transaction() else oc.UNUSED
+                await _finish(session, "close")  # close() rolls the transaction back
                 raise
-        await _finish(session, "close")
+            began = sync.in_transaction()
+            if commit and began:
+                try:
+                    await _finish(session, "commit")
+                except BaseException:
+                    outcome = oc.ROLLBACK
+                    await _finish(session, "close")
+                    raise
+                outcome = oc.COMMIT
+            elif began:
+                outcome = oc.ROLLBACK
+            await _finish(session, "close")
+    finally:
+        reporter.task_closed(route_template(scope), outcome, perf_counter() - opened)
 
 
 async def _finish(session: AnySession, method: str) -> None:
@@ -194,31 +213,21 @@ def _scope_of(request: Any) -> Mapping[str, Any]:
 
 def request_session_source(scope: Mapping[str, Any], name: str | None = None) -> SessionSource:
     """The session source of database ``name`` of the request with this ASGI ``scope``."""
+    return _settings_of(scope, name).source
+
+
+def _settings_of(scope: Mapping[str, Any], name: str | None) -> SessionSettings:
+    """The middleware settings of database ``name``, while the request runs."""
     state = scope.get("state")
-    if not isinstance(state, RequestState) or not state.names:
+    if not isinstance(state, RequestState):
+        state = RequestState(None)  # no middleware ran: resolve() says what to do
+    wanted = state.resolve(name, asked_by="task sessions")
+    settings: SessionSettings | None = state.databases.get(wanted)
+    if settings is None:
+        # the middleware withdraws the request's databases once the request has finished
         raise SessionNotAvailableError(
-            f"no DBSessionMiddleware handles {scope.get('path')!r}: task sessions come from "
-            "the request's DBSessionMiddleware."
-        )
-    wanted = name
-    if wanted is None:
-        wanted = next(iter(state.names)) if len(state.names) == 1 else "default"
-    if wanted not in state.names:
-        raise SessionNotAvailableError(
-            f"no DBSessionMiddleware named {wanted!r}; this request has "
-            f"{sorted(state.names)}. Pass name=."
-        )
-    return _source_of(state, wanted)
-
-
-def _source_of(state: RequestState, name: str) -> SessionSource:
-    """The middleware's ``SessionSource`` for ``name``, while the request runs."""
-    source: SessionSource | None = state.sources.get(name)
-    if source is None:
-        # the middleware withdraws the request's sources once the request has finished
-        raise SessionNotAvailableError(
-            f"the request has finished: task sessions of database {name!r} are opened while "
+            f"the request has finished: task sessions of database {wanted!r} are opened while "
             "it runs; work that outlives the request needs its own session, e.g. "
             "`async with session_scope(engine) as session:`."
         )
-    return source
+    return settings
