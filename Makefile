@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint format bench load clean
+.PHONY: install demo test test-fast lint format bench load dashboards clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m uvicorn demo_app.main:app --host 127.0.0.1 --port 8000
 
+load: $(STAMP)
+	$(BIN)/python -m demo_app.load
+
+dashboards: $(STAMP)
+	$(BIN)/python dashboards/generate.py
+
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
@@ -27,6 +33,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy --strict middleware/sessionscope
+	$(BIN)/python dashboards/generate.py --check
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix .

@@ -1,60 +1,62 @@
-"""A small FastAPI app on SQLite that shows the request session at work.
+"""The app ``make demo`` serves: JSON logs through structlog, settings from the environment.
 
-Run it with ``make demo`` (http://127.0.0.1:8000/docs). ``DATABASE_URL`` switches the database.
+Run it with ``make demo`` (http://127.0.0.1:8000/docs), then ``python -m demo_app.load`` for
+traffic. ``DATABASE_URL`` switches the database (default ``sqlite:///demo.db``; e.g.
+``postgresql+psycopg://user@host/db`` or ``postgresql+asyncpg://user@host/db``);
+``DEMO_LEAK_THRESHOLD`` sets the leak threshold in seconds (default 2).
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 
-import sqlalchemy as sa
-from fastapi import FastAPI, HTTPException
-from pydantic import BaseModel
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+import structlog
+import structlog.tracebacks
 
-from sessionscope import DBSessionMiddleware
-from sessionscope.fastapi import DBSession
-
-DATABASE_URL = os.environ.get("DATABASE_URL", "sqlite:///demo.db")
+from .app import Settings, create_app
 
 
-class Base(DeclarativeBase):
-    pass
+def configure_logging(level: str = "INFO") -> None:
+    """One JSON object per line on stdout, for structlog events and stdlib logging alike."""
+    shared: list[structlog.types.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_logger_name,
+        structlog.stdlib.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    structlog.configure(
+        processors=[
+            *shared,
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=shared,
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.ExceptionRenderer(
+                    structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+                ),
+                structlog.processors.JSONRenderer(),
+            ],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # uvicorn's own loggers go through the same JSON handler.
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = []
+        logger.propagate = True
 
 
-class Item(Base):
-    __tablename__ = "items"
-    id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[str] = mapped_column(sa.String(200), unique=True)
-
-
-class ItemIn(BaseModel):
-    name: str
-
-
-engine = sa.create_engine(DATABASE_URL)
-Base.metadata.create_all(engine)
-
-app = FastAPI(title="sessionscope demo")
-app.add_middleware(DBSessionMiddleware, engine=engine, exclude_paths=("/healthz",))
-
-
-@app.post("/items", status_code=201, summary="Create an item (committed before the 201 is sent)")
-def create_item(item: ItemIn, db: DBSession) -> dict[str, object]:
-    row = Item(name=item.name)
-    db.add(row)
-    db.flush()
-    return {"id": row.id, "name": row.name}
-
-
-@app.get("/items/{item_id}", summary="Read one item")
-def read_item(item_id: int, db: DBSession) -> dict[str, object]:
-    row = db.get(Item, item_id)
-    if row is None:
-        raise HTTPException(404, "no such item")
-    return {"id": row.id, "name": row.name}
-
-
-@app.get("/healthz", summary="Liveness; gets no session")
-def healthz() -> dict[str, str]:
-    return {"status": "ok"}
+configure_logging(os.environ.get("DEMO_LOG_LEVEL", "INFO"))
+app = create_app(Settings.from_env())

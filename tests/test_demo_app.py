@@ -1,0 +1,235 @@
+"""The demo app, in process: each route shows its behaviour in statuses, rows and metrics.
+
+Every test runs on SQLite (sync driver and aiosqlite) and PostgreSQL (psycopg and asyncpg; those
+skip without SESSIONSCOPE_TEST_POSTGRES_URL); rows are read behind the app's back through a
+separate engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+import sqlalchemy as sa
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
+from structlog.testing import capture_logs
+
+from demo_app import load
+from demo_app.app import Base, Settings, create_app
+
+from .support import driver_url, postgres_url
+
+pytestmark = pytest.mark.anyio
+
+
+@dataclass
+class Demo:
+    app: FastAPI
+    client: httpx.AsyncClient
+    transport: httpx.ASGITransport
+    check: sa.Engine
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        registry: CollectorRegistry = self.app.state.registry
+        return registry
+
+    def rows(self, sql: str) -> list[tuple[object, ...]]:
+        with self.check.connect() as conn:
+            return [tuple(r) for r in conn.execute(sa.text(sql))]
+
+    def metric(self, name: str, **labels: str) -> float:
+        value = self.registry.get_sample_value(name, {"db": "default", **labels})
+        return 0.0 if value is None else value
+
+    async def create(self, name: str, stock: int = 10) -> int:
+        r = await self.client.post("/items", json={"name": name, "stock": stock})
+        assert r.status_code == 201, r.text
+        return int(r.json()["id"])
+
+
+@pytest.fixture(params=["sqlite", "sqlite+aiosqlite", "pg-sync", "pg-async"])
+async def demo(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Demo]:
+    if request.param.startswith("pg"):
+        url = postgres_url()
+        assert url is not None
+        check = sa.create_engine(driver_url(url, async_=False), poolclass=sa.NullPool)
+        Base.metadata.drop_all(check)
+        database_url = driver_url(url, async_=request.param == "pg-async")
+    else:
+        file = tmp_path / "demo.db"
+        check = sa.create_engine(f"sqlite:///{file}", poolclass=sa.NullPool)
+        database_url = f"{request.param}:///{file}"
+    app = create_app(Settings(database_url=database_url, leak_threshold=0.3))
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://demo") as client,
+    ):
+        yield Demo(app, client, transport, check)
+    check.dispose()
+
+
+async def test_creating_an_item_commits_it_before_the_201(demo: Demo) -> None:
+    item_id = await demo.create("teapot", stock=3)
+    assert demo.rows("select id, name, stock from demo_items") == [(item_id, "teapot", 3)]
+    assert demo.metric("db_sessions_closed_total", route="/items", outcome="commit") == 1
+
+
+async def test_a_duplicate_item_is_a_409_and_adds_no_row(demo: Demo) -> None:
+    await demo.create("teapot")
+    r = await demo.client.post("/items", json={"name": "teapot"})
+    assert r.status_code == 409
+    assert demo.rows("select name from demo_items") == [("teapot",)]
+
+
+async def test_reading_and_listing_return_committed_rows_and_a_missing_item_is_404(
+    demo: Demo,
+) -> None:
+    a = await demo.create("a")
+    await demo.create("b")
+    r = await demo.client.get(f"/items/{a}")
+    assert (r.status_code, r.json()["name"]) == (200, "a")
+    r = await demo.client.get("/items")
+    assert [i["name"] for i in r.json()] == ["a", "b"]
+    assert (await demo.client.get("/items/999")).status_code == 404
+
+
+async def test_reserving_more_than_the_stock_is_a_409_and_the_written_decrement_is_rolled_back(
+    demo: Demo,
+) -> None:
+    item = await demo.create("lamp", stock=5)
+    ok = await demo.client.post(f"/items/{item}/reserve", params={"qty": 2})
+    assert (ok.status_code, ok.json()["stock"]) == (200, 3)
+    refused = await demo.client.post(f"/items/{item}/reserve", params={"qty": 4})
+    assert refused.status_code == 409
+    assert demo.rows("select stock from demo_items") == [(3,)]
+    assert demo.metric("db_session_rollbacks_total", reason="status_4xx") == 1
+
+
+async def test_an_exception_after_writing_is_a_500_and_the_write_is_rolled_back(
+    demo: Demo,
+) -> None:
+    r = await demo.client.post("/boom")
+    assert r.status_code == 500
+    assert demo.rows("select name from demo_items") == []
+    assert demo.metric("db_session_rollbacks_total", reason="exception") == 1
+
+
+async def test_a_commit_that_fails_on_the_deferred_foreign_key_becomes_a_500_with_no_row(
+    demo: Demo,
+) -> None:
+    with capture_logs() as logs:
+        r = await demo.client.post("/notes/orphan")
+    assert r.status_code == 500
+    assert demo.rows("select id from demo_notes") == []
+    assert demo.metric("db_session_rollbacks_total", reason="commit_error") == 1
+    assert demo.metric("db_session_errors_total", phase="commit", error_type="IntegrityError") == 1
+    assert [e["event"] for e in logs if e["log_level"] == "error"] == ["db_session.commit_failed"]
+
+
+async def test_a_background_task_with_its_own_session_scope_commits_its_write(demo: Demo) -> None:
+    item = await demo.create("chair")
+    r = await demo.client.post(f"/items/{item}/audit")
+    assert r.status_code == 202
+    assert demo.rows("select kind, item_id from demo_events") == [("audit", item)]
+
+
+async def test_a_background_write_through_the_request_session_is_rolled_back_and_reported(
+    demo: Demo,
+) -> None:
+    item = await demo.create("desk")
+    with capture_logs() as logs:
+        r = await demo.client.post(f"/items/{item}/audit-late")
+    assert r.status_code == 202
+    assert demo.rows("select kind from demo_events") == []
+    assert "db_session.late_write" in [e["event"] for e in logs]
+    assert demo.metric("db_session_rollbacks_total", reason="late_write") == 1
+
+
+async def test_the_streaming_export_reads_every_row_after_the_decision(demo: Demo) -> None:
+    for i in range(7):
+        await demo.create(f"item-{i}")
+    r = await demo.client.get("/export", params={"batch": 3})
+    assert r.status_code == 200
+    lines = r.text.splitlines()
+    assert lines[0] == "id,name,stock"
+    assert [line.split(",")[1] for line in lines[1:]] == [f"item-{i}" for i in range(7)]
+
+
+async def test_the_n_plus_one_route_runs_one_statement_per_item_plus_one(demo: Demo) -> None:
+    for i in range(4):
+        item = await demo.create(f"n-{i}")
+        r = await demo.client.post(f"/items/{item}/notes", json={"text": f"note {i}"})
+        assert r.status_code == 201
+    r = await demo.client.get("/items-with-notes")
+    assert r.status_code == 200
+    assert [i["notes"] for i in r.json()] == [[f"note {i}"] for i in range(4)]
+    assert demo.metric("db_statements_total", route="/items-with-notes") == 1 + 4
+
+
+async def test_a_session_held_past_the_leak_threshold_is_detected_then_resolved(
+    demo: Demo,
+) -> None:
+    with capture_logs() as logs:
+        r = await demo.client.get("/slow", params={"seconds": 0.9})
+    assert r.status_code == 200
+    assert demo.metric("db_session_leaks_detected_total", route="/slow") == 1
+    assert demo.metric("db_session_leaks_resolved_total", route="/slow") == 1
+    assert any("leak" in str(e["event"]) for e in logs)
+
+
+async def test_a_task_that_outlives_its_request_cannot_use_the_request_session(
+    demo: Demo,
+) -> None:
+    r = await demo.client.post("/fire-and-forget")
+    assert r.status_code == 202
+    await anyio.sleep(0.6)  # the task uses the session 0.2 s after the request
+    assert demo.metric("db_session_use_after_close_total", route="/fire-and-forget") == 1
+
+
+async def test_routes_without_database_work_create_no_session(demo: Demo) -> None:
+    for path in ("/time", "/healthz", "/metrics/"):
+        assert (await demo.client.get(path)).status_code == 200
+    names = {s.labels.get("route") for m in demo.registry.collect() for s in m.samples}
+    assert not names & {"/time", "/healthz", "/metrics", "/metrics/"}
+    assert demo.metric("db_sessions_open") == 0
+
+
+async def test_the_metrics_endpoint_exports_the_session_metrics(demo: Demo) -> None:
+    await demo.create("x")
+    r = await demo.client.get("/metrics", follow_redirects=True)
+    assert r.status_code == 200
+    assert 'db_sessions_closed_total{db="default",outcome="commit",route="/items"} 1.0' in r.text
+
+
+async def test_the_openapi_page_documents_the_purpose_of_every_route(demo: Demo) -> None:
+    spec = (await demo.client.get("/openapi.json")).json()
+    operations = [op for path in spec["paths"].values() for op in path.values()]
+    assert len(operations) == 15
+    assert all(op.get("summary") and op.get("tags") for op in operations)
+
+
+async def test_the_load_generator_runs_its_mix_and_gets_only_expected_statuses(
+    demo: Demo,
+) -> None:
+    config = load.Config(duration=1.5, rate=0, concurrency=4, slow_seconds=0.4, seed=1)
+    config.mix = {s.name: 1 for s in load.SCENARIOS}
+    summary = await load.run_load(config, transport=demo.transport)
+    assert summary.ok, load.format_summary(summary)
+    assert set(summary.per_scenario) == {s.name for s in load.SCENARIOS}
+    assert sum(s.count for s in summary.per_scenario.values()) > 20
+    table = load.format_summary(summary)
+    assert "TOTAL" in table
+    assert "p95 ms" in table
+
+
+def test_the_load_generator_refuses_an_unknown_scenario_in_its_mix() -> None:
+    assert load.parse_mix("create=2, slow") == {"create": 2, "slow": 1}
+    with pytest.raises(Exception, match="unknown scenario 'nope'"):
+        load.parse_mix("nope=1")
