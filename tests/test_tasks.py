@@ -328,7 +328,9 @@ async def test_a_lambda_returning_a_coroutine_is_refused_with_a_fix(backend: Bac
 
 
 async def test_task_sessions_need_the_middleware(backend: Backend) -> None:
-    with pytest.raises(SessionNotAvailableError, match="no DBSessionMiddleware handles this request"):
+    with pytest.raises(
+        SessionNotAvailableError, match="no DBSessionMiddleware handles this request"
+    ):
         async with task_session(http_scope("/")):
             pass
 
