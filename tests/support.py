@@ -167,6 +167,8 @@ def make_backend(kind: str, tmp_path: Any, **engine_kw: Any) -> Backend:
         assert url is not None
         check = sa.create_engine(driver_url(url, async_=False), poolclass=sa.NullPool)
         with check.begin() as conn:
+            # fail fast instead of hanging if a transaction somewhere still holds the tables
+            conn.execute(sa.text("SET LOCAL lock_timeout = '20s'"))
             metadata.drop_all(conn)
             metadata.create_all(conn)
         if kind == "pg-async":

@@ -6,6 +6,7 @@ response status before the client sees that status, and always closes it.
 """
 
 from .errors import (
+    ConcurrentSessionUseError,
     ConfigurationError,
     ReadOnlyRequestError,
     SessionClosedError,
@@ -17,6 +18,7 @@ from .policy import commit_below_400
 from .scope import session_scope
 
 __all__ = [
+    "ConcurrentSessionUseError",
     "ConfigurationError",
     "DBSessionMiddleware",
     "ReadOnlyRequestError",

@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+from sqlalchemy.exc import InvalidRequestError
+
+CONCURRENT_USE_MESSAGE = (
+    "the request session was used by two tasks (or threads) at once; a session is not safe "
+    "for concurrent use: give each task its own session with "
+    "sessionscope.tasks.gather_with_sessions(request, ...) or task_session(request)"
+)
+
 
 class ConfigurationError(ValueError):
     """The middleware or a helper was configured wrongly; the message says how to fix it."""
@@ -22,3 +30,25 @@ class SessionNotAvailableError(RuntimeError):
 
 class ReadOnlyRequestError(RuntimeError):
     """A request routed to the read replica tried to write."""
+
+
+class ConcurrentSessionUseError(InvalidRequestError):
+    """The request session was used by two tasks or threads at once.
+
+    A subclass of SQLAlchemy's ``InvalidRequestError``, which SQLAlchemy raises (with less
+    to go on) for the same misuse.
+    """
+
+
+def concurrent_use(exc: BaseException) -> ConcurrentSessionUseError | None:
+    """A clear error for SQLAlchemy's concurrent-use errors (code ``isce``) in ``exc``."""
+    if isinstance(exc, ConcurrentSessionUseError):
+        return None
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            if isinstance(inner, ConcurrentSessionUseError) or concurrent_use(inner):
+                return ConcurrentSessionUseError(CONCURRENT_USE_MESSAGE)
+        return None
+    if getattr(exc, "code", None) == "isce":
+        return ConcurrentSessionUseError(CONCURRENT_USE_MESSAGE)
+    return None

@@ -27,6 +27,7 @@ from time import perf_counter
 from typing import TYPE_CHECKING, Any, Final
 
 import anyio
+import anyio.lowlevel
 from sqlalchemy import event
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session
@@ -198,6 +199,9 @@ class RequestSession(StatementTally):
     async def send(self, message: Message) -> None:
         """The ``send`` the application sees: decides at ``http.response.start``."""
         if self.phase is Phase.RUNNING and message["type"] == "http.response.start":
+            # A cancellation held back while a worker thread ran (anyio delivers it at the next
+            # checkpoint) must turn into a rollback here, not after a commit.
+            await anyio.lowlevel.checkpoint_if_cancelled()
             self.status = status = message["status"]
             committed = self.session is None or await self._decide(status)
             self.phase = Phase.DECIDED

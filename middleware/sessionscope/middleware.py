@@ -15,7 +15,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import statements
 from .catalogue import DEFAULT_NAMESPACE
-from .errors import ConfigurationError
+from .errors import ConfigurationError, concurrent_use
 from .leaks import LeakRegistry
 from .lifecycle import RequestSession, SessionSettings
 from .metrics import DEFAULT_MAX_ROUTES, Metrics
@@ -211,6 +211,9 @@ class DBSessionMiddleware:
             await rs.respond_unavailable(exc)
         except BaseException as exc:
             await rs.finish(exc)
+            clear = None if rs.session is None else concurrent_use(exc)
+            if clear is not None:
+                raise clear from exc
             raise
         else:
             await rs.finish(None)

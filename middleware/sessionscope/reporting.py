@@ -223,19 +223,26 @@ class Reporter:
         return True if is_enabled_for is None else bool(is_enabled_for(level))
 
 
-def error_fields(exc: BaseException) -> dict[str, str]:
-    """An exception as log fields: its type, the first line of its message and its traceback.
+def error_fields(exc: BaseException) -> dict[str, Any]:
+    """An exception as log fields: its type, what can be said of it safely, its traceback.
 
-    SQLAlchemy's own message repeats the SQL and its parameters (unless the engine was made with
-    ``hide_parameters=True``); parameters can be personal data, so only the database driver's
-    first line is kept. The traceback frames are kept in full.
+    Database errors are described by their class, the driver's class and the SQLSTATE only:
+    SQLAlchemy's message repeats the SQL and its parameters, and drivers quote offending values
+    in theirs (``invalid input syntax for type integer: "..."``); parameters can be personal
+    data. Other exceptions keep the first line of their message. The traceback frames are kept.
     """
-    message = str(exc.orig) if isinstance(exc, StatementError) and exc.orig else str(exc)
-    return {
-        "error_type": type(exc).__name__,
-        "error": message.strip().split("\n", 1)[0][:500],
-        "traceback": "".join(traceback.format_tb(exc.__traceback__)),
-    }
+    fields: dict[str, Any] = {"error_type": type(exc).__name__}
+    if isinstance(exc, StatementError):
+        orig = exc.orig
+        if orig is not None:
+            fields["driver_error"] = type(orig).__name__
+            sqlstate = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+            if sqlstate:
+                fields["sqlstate"] = str(sqlstate)
+    else:
+        fields["error"] = str(exc).strip().split("\n", 1)[0][:300]
+    fields["traceback"] = "".join(traceback.format_tb(exc.__traceback__))
+    return fields
 
 
 def _caller_stack(limit: int = 8) -> str:

@@ -8,6 +8,7 @@ see the same tally object, so their increments land where the middleware reads t
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,7 +20,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.pool import Pool
 
-from .errors import ReadOnlyRequestError
+from .errors import CONCURRENT_USE_MESSAGE, ConcurrentSessionUseError, ReadOnlyRequestError
 
 _CURRENT: Final[ContextVar[StatementTally | None]] = ContextVar(
     "sessionscope_statement_tally", default=None
@@ -35,6 +36,8 @@ class StatementTally:
 
     __slots__ = (
         "_token",
+        "busy_connection",
+        "busy_owner",
         "late",
         "late_writes",
         "parent",
@@ -52,6 +55,9 @@ class StatementTally:
         self.parent: StatementTally | None = None
         self.thread = 0
         self.read_only = False
+        self.busy_connection: Connection | None = None
+        """The connection running a statement for this request right now, and who runs it."""
+        self.busy_owner: object = None
         """Writes raise :class:`~sessionscope.errors.ReadOnlyRequestError` (replica requests)."""
         """The thread that ran the latest statement (where a held session is being used)."""
         self._token: Token[StatementTally | None] | None = None
@@ -80,8 +86,35 @@ def detached() -> Iterator[None]:
 
 def install(engine: Engine) -> None:
     """Listen for statements on ``engine``; idempotent."""
-    if not event.contains(engine, "before_cursor_execute", _on_statement):
-        event.listen(engine, "before_cursor_execute", _on_statement)
+    for name, listener in (
+        ("before_cursor_execute", _on_statement),
+        ("after_cursor_execute", _on_statement_done),
+        ("handle_error", _on_error),
+    ):
+        if not event.contains(engine, name, listener):
+            event.listen(engine, name, listener)
+
+
+def _tally_for(conn: Connection) -> StatementTally | None:
+    tally = _CURRENT.get()
+    if tally is None:
+        return None
+    pool = conn.engine.pool
+    while tally.pool is not pool:
+        parent = tally.parent
+        if parent is None:
+            return None
+        tally = parent
+    return tally
+
+
+def _owner() -> object:
+    """The task (on the event loop) or else the thread running this code."""
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # a worker thread: no event loop here
+        task = None
+    return task if task is not None else get_ident()
 
 
 def _on_statement(
@@ -92,15 +125,13 @@ def _on_statement(
     context: Any,
     executemany: bool,
 ) -> None:
-    tally = _CURRENT.get()
+    tally = _tally_for(conn)
     if tally is None:
         return
-    pool = conn.engine.pool
-    while tally.pool is not pool:
-        parent = tally.parent
-        if parent is None:
-            return
-        tally = parent
+    owner = _owner()
+    if tally.busy_connection is conn and tally.busy_owner != owner:
+        raise ConcurrentSessionUseError(CONCURRENT_USE_MESSAGE)
+    tally.busy_connection, tally.busy_owner = conn, owner
     tally.statements += 1
     tally.thread = get_ident()
     if tally.read_only and _is_write(statement, context):
@@ -111,6 +142,28 @@ def _on_statement(
         )
     if tally.late and _is_write(statement, context):
         tally.late_writes += 1
+
+
+def _on_statement_done(
+    conn: Connection,
+    cursor: Any,
+    statement: str,
+    parameters: Any,
+    context: Any,
+    executemany: bool,
+) -> None:
+    tally = _tally_for(conn)
+    if tally is not None and tally.busy_connection is conn:
+        tally.busy_connection = None
+
+
+def _on_error(context: Any) -> None:
+    if isinstance(context.original_exception, ConcurrentSessionUseError):
+        return  # raised for a second task: the first one is still running its statement
+    conn = context.connection
+    tally = None if conn is None else _tally_for(conn)
+    if tally is not None and tally.busy_connection is conn:
+        tally.busy_connection = None
 
 
 def _is_write(statement: str, context: Any) -> bool:
