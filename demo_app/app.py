@@ -25,11 +25,12 @@ from fastapi import BackgroundTasks, Depends, FastAPI, HTTPException, Query
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CollectorRegistry, make_asgi_app
 from pydantic import BaseModel, Field
-from sessionscope import DBSessionMiddleware, SessionClosedError, session_scope
-from sessionscope.fastapi import get_session
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
+
+from sessionscope import DBSessionMiddleware, SessionClosedError, session_scope
+from sessionscope.fastapi import get_session
 
 T = TypeVar("T")
 AnySession = Session | AsyncSession

@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import BackgroundTasks, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry
+
 from sessionscope import DBSessionMiddleware, session_scope
 from sessionscope.fastapi import AsyncDBSession, DBSession
 

@@ -5,7 +5,7 @@ from typing import Any
 
 import pytest
 
-from .support import BACKENDS, Backend, make_backend
+from .support import BACKENDS, Backend, backend_for
 
 
 @pytest.fixture
@@ -16,9 +16,5 @@ def anyio_backend() -> str:
 @pytest.fixture(params=BACKENDS)
 async def backend(request: pytest.FixtureRequest, tmp_path: Any) -> AsyncIterator[Backend]:
     """Each of the four databases, with empty tables; no connection may stay checked out."""
-    db = make_backend(request.param, tmp_path)
-    try:
+    async with backend_for(request.param, tmp_path) as db:
         yield db
-        assert db.checkedout() == 0, "a connection was left checked out after the test"
-    finally:
-        await db.dispose()

@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
+
 from sessionscope import DBSessionMiddleware
 from sessionscope.fastapi import DBSession
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -181,6 +182,17 @@ def make_backend(kind: str, tmp_path: Any, **engine_kw: Any) -> Backend:
 
 
 BACKENDS = ["sqlite-sync", "sqlite-async", "pg-sync", "pg-async"]
+
+
+@asynccontextmanager
+async def backend_for(kind: str, tmp_path: Any, **engine_kw: Any) -> AsyncIterator[Backend]:
+    """Backend ``kind`` for one test; afterwards no connection may be left checked out."""
+    db = make_backend(kind, tmp_path, **engine_kw)
+    try:
+        yield db
+        assert db.checkedout() == 0, "a connection was left checked out after the test"
+    finally:
+        await db.dispose()
 
 
 # ---------------------------------------------------------------------------- ASGI harness

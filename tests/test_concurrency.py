@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from .apps import items_app
-from .support import BACKENDS, Backend, make_backend
+from .support import BACKENDS, Backend, backend_for
 
 pytestmark = pytest.mark.anyio
 
@@ -26,12 +26,8 @@ async def default_pool_backend(
     request: pytest.FixtureRequest, tmp_path: Any
 ) -> AsyncIterator[Backend]:
     """SQLAlchemy's default pool (5 + 10 overflow) with a known timeout."""
-    db = make_backend(request.param, tmp_path, pool_timeout=POOL_TIMEOUT)
-    try:
+    async with backend_for(request.param, tmp_path, pool_timeout=POOL_TIMEOUT) as db:
         yield db
-        assert db.checkedout() == 0
-    finally:
-        await db.dispose()
 
 
 async def test_200_concurrent_requests_on_the_default_pool_all_complete_without_pool_waits(

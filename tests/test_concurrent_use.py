@@ -8,8 +8,9 @@ import anyio
 import pytest
 import sqlalchemy as sa
 from prometheus_client import CollectorRegistry
-from sessionscope import ConcurrentSessionUseError, DBSessionMiddleware
 from sqlalchemy.ext.asyncio import AsyncSession
+
+from sessionscope import ConcurrentSessionUseError, DBSessionMiddleware
 
 from .support import Backend, request
 

@@ -8,9 +8,10 @@ import pytest
 import sqlalchemy as sa
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
-from sessionscope import ConfigurationError, DBSessionMiddleware
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 from sqlalchemy.orm import sessionmaker
+
+from sessionscope import ConfigurationError, DBSessionMiddleware
 
 from .support import http_scope, request
 

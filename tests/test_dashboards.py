@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from sessionscope import catalogue as cat
 
 from .prom_support import (

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from sessionscope import catalogue as cat
 
 from .prom_support import (

@@ -8,8 +8,6 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
-from sessionscope import DBSessionMiddleware, SessionNotAvailableError
-from sessionscope.fastapi import AsyncDBSession, DBSession, get_session
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 from starlette.applications import Starlette
@@ -17,6 +15,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 from structlog.testing import capture_logs
+
+from sessionscope import DBSessionMiddleware, SessionNotAvailableError
+from sessionscope.fastapi import AsyncDBSession, DBSession, get_session
 
 from .apps import items_app
 from .support import Backend, items, make_backend

@@ -9,8 +9,9 @@ import httpx
 import pytest
 from fastapi import FastAPI, HTTPException, Request
 from prometheus_client import CollectorRegistry
-from sessionscope import DBSessionMiddleware, on_commit
 from structlog.testing import capture_logs
+
+from sessionscope import DBSessionMiddleware, on_commit
 
 from .metric_support import value
 from .support import Backend, children, request

@@ -9,9 +9,10 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
+from structlog.testing import capture_logs
+
 from sessionscope import DBSessionMiddleware
 from sessionscope.fastapi import AsyncDBSession, DBSession
-from structlog.testing import capture_logs
 
 from .metric_support import value
 from .support import Backend

@@ -14,8 +14,9 @@ import anyio
 import anyio.lowlevel
 import pytest
 import sqlalchemy as sa
-from sessionscope import DBSessionMiddleware, SessionClosedError
 from structlog.testing import capture_logs
+
+from sessionscope import DBSessionMiddleware, SessionClosedError
 
 from .support import Backend, Exchange, children, items, request
 

@@ -17,13 +17,6 @@ from typing import Any
 import anyio
 import pytest
 import sqlalchemy as sa
-from sessionscope import ConfigurationError, DBSessionMiddleware
-from sessionscope.lifespan import (
-    DatabaseUnavailableError,
-    check_databases,
-    database_lifespan,
-    dispose_engines,
-)
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -31,6 +24,14 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
+
+from sessionscope import ConfigurationError, DBSessionMiddleware
+from sessionscope.lifespan import (
+    DatabaseUnavailableError,
+    check_databases,
+    database_lifespan,
+    dispose_engines,
+)
 
 from .support import Backend, http_scope, request
 

@@ -6,8 +6,9 @@ from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
-from sessionscope import DBSessionMiddleware
 from structlog.testing import capture_logs
+
+from sessionscope import DBSessionMiddleware
 
 from .support import Backend, request
 

@@ -11,6 +11,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry, generate_latest
+
 from sessionscope import DBSessionMiddleware, session_scope
 
 from .apps import items_app

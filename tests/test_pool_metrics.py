@@ -24,12 +24,13 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from prometheus_client import CollectorRegistry, generate_latest
-from sessionscope.metrics import Metrics
-from sessionscope.pool import PoolInstruments, instrument_pool
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import AssertionPool, NullPool, Pool, SingletonThreadPool, StaticPool
 from structlog.testing import capture_logs
+
+from sessionscope.metrics import Metrics
+from sessionscope.pool import PoolInstruments, instrument_pool
 
 from .support import driver_url, postgres_url
 

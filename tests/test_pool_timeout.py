@@ -10,12 +10,13 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
-from sessionscope import DBSessionMiddleware
-from sessionscope.fastapi import AsyncDBSession, DBSession
 from starlette.requests import Request
 
+from sessionscope import DBSessionMiddleware
+from sessionscope.fastapi import AsyncDBSession, DBSession
+
 from .metric_support import value
-from .support import BACKENDS, Backend, items, make_backend
+from .support import BACKENDS, Backend, backend_for, items
 
 pytestmark = pytest.mark.anyio
 
@@ -23,12 +24,10 @@ pytestmark = pytest.mark.anyio
 @pytest.fixture(params=BACKENDS)
 async def one_connection(request: pytest.FixtureRequest, tmp_path: Any) -> AsyncIterator[Backend]:
     """A pool of exactly one connection that gives up after 0.3 s."""
-    db = make_backend(request.param, tmp_path, pool_size=1, max_overflow=0, pool_timeout=0.3)
-    try:
+    async with backend_for(
+        request.param, tmp_path, pool_size=1, max_overflow=0, pool_timeout=0.3
+    ) as db:
         yield db
-        assert db.checkedout() == 0
-    finally:
-        await db.dispose()
 
 
 def holding_app(

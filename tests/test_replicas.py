@@ -10,13 +10,14 @@ import httpx
 import pytest
 import sqlalchemy as sa
 from prometheus_client import CollectorRegistry
-from sessionscope import ConfigurationError, DBSessionMiddleware, ReadOnlyRequestError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 from structlog.testing import capture_logs
+
+from sessionscope import ConfigurationError, DBSessionMiddleware, ReadOnlyRequestError
 
 from .metric_support import value
 from .support import BACKENDS, Backend, driver_url, items, make_backend, metadata, postgres_url

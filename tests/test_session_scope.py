@@ -7,9 +7,10 @@ from typing import Any
 import anyio
 import pytest
 import sqlalchemy as sa
-from sessionscope import ConfigurationError, session_scope
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Session
+
+from sessionscope import ConfigurationError, session_scope
 
 from .support import Backend, items, make_backend
 

@@ -11,10 +11,11 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
-from sessionscope import DBSessionMiddleware
-from sessionscope.fastapi import AsyncDBSession, DBSession
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlalchemy.orm import sessionmaker
+
+from sessionscope import DBSessionMiddleware
+from sessionscope.fastapi import AsyncDBSession, DBSession
 
 from .support import Backend
 

@@ -15,15 +15,16 @@ import anyio
 import pytest
 import sqlalchemy as sa
 from prometheus_client import CollectorRegistry
-from sessionscope import ConfigurationError, DBSessionMiddleware, SessionNotAvailableError
-from sessionscope.tasks import gather_with_sessions, task_session
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 from starlette.requests import Request
 from structlog.testing import capture_logs
 
+from sessionscope import ConfigurationError, DBSessionMiddleware, SessionNotAvailableError
+from sessionscope.tasks import gather_with_sessions, task_session
+
 from .metric_support import value
-from .support import Backend, http_scope, items, make_backend, request
+from .support import Backend, backend_for, http_scope, items, request
 
 pytestmark = pytest.mark.anyio
 
@@ -33,12 +34,8 @@ TASKS = 3
 @pytest.fixture(params=["sqlite-async", "pg-async"])
 async def async_backend(request: pytest.FixtureRequest, tmp_path: Any) -> AsyncIterator[Backend]:
     """The async databases only; no connection may stay checked out."""
-    db = make_backend(request.param, tmp_path)
-    try:
+    async with backend_for(request.param, tmp_path) as db:
         yield db
-        assert db.checkedout() == 0, "a connection was left checked out after the test"
-    finally:
-        await db.dispose()
 
 
 def endpoint(

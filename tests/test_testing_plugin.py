@@ -13,6 +13,11 @@ from typing import Any
 import anyio.to_thread
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.orm import sessionmaker
+from starlette.applications import Starlette
+from starlette.routing import Mount
+
 from sessionscope import ConfigurationError, DBSessionMiddleware
 from sessionscope.testing import (
     async_rollback_connection,
@@ -21,10 +26,6 @@ from sessionscope.testing import (
     find_middlewares,
     rollback_connection,
 )
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
-from sqlalchemy.orm import sessionmaker
-from starlette.applications import Starlette
-from starlette.routing import Mount
 
 from .support import Backend, items, request
 

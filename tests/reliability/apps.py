@@ -11,7 +11,6 @@ from typing import Any
 
 import sqlalchemy as sa
 from prometheus_client import CollectorRegistry
-from sessionscope import DBSessionMiddleware
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
@@ -20,6 +19,8 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+
+from sessionscope import DBSessionMiddleware
 
 from ..support import items
 

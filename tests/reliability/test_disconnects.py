@@ -23,7 +23,6 @@ import anyio.to_thread
 import pytest
 import sqlalchemy as sa
 from prometheus_client import CollectorRegistry
-from sessionscope import DBSessionMiddleware
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
@@ -34,6 +33,8 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from structlog.testing import capture_logs
+
+from sessionscope import DBSessionMiddleware
 
 from ..support import http_scope, items
 from .helpers import (

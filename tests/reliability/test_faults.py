@@ -18,7 +18,6 @@ import anyio
 import pytest
 import sqlalchemy as sa
 from prometheus_client import CollectorRegistry
-from sessionscope import DBSessionMiddleware
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
@@ -27,6 +26,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from structlog.testing import capture_logs
+
+from sessionscope import DBSessionMiddleware
 
 from ..support import items
 from .apps import REJECT_PREFIX, write_app

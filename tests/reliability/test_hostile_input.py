@@ -13,7 +13,6 @@ import anyio
 import pytest
 import sqlalchemy as sa
 from prometheus_client import CollectorRegistry, generate_latest
-from sessionscope import DBSessionMiddleware
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from starlette.applications import Starlette
@@ -22,6 +21,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from structlog.testing import capture_logs
+
+from sessionscope import DBSessionMiddleware
 
 from ..support import Backend, children, items, make_backend
 from .fault_proxy import FaultProxy

@@ -23,10 +23,11 @@ import sqlalchemy as sa
 from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry
-from sessionscope import DBSessionMiddleware
-from sessionscope.fastapi import DBSession, get_session
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+
+from sessionscope import DBSessionMiddleware
+from sessionscope.fastapi import DBSession, get_session
 
 from ..support import items
 from .helpers import checkedout, dispose, pg_engine, sample

@@ -21,8 +21,9 @@ import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
-from sessionscope import DBSessionMiddleware
 from starlette.middleware.errors import ServerErrorMiddleware
+
+from sessionscope import DBSessionMiddleware
 
 from ..support import Backend, children, http_scope, items, make_backend
 

@@ -24,8 +24,9 @@ import pytest
 import sqlalchemy as sa
 import structlog
 from prometheus_client import CollectorRegistry
-from sessionscope import DBSessionMiddleware
 from sqlalchemy.exc import SAWarning
+
+from sessionscope import DBSessionMiddleware
 
 from ..support import Backend, http_scope, items, make_backend
 from .helpers import rss_bytes, sample
