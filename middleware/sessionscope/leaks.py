@@ -21,6 +21,9 @@ from time import perf_counter
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+import structlog
+
+from .reporting import LOGGER_NAME
 from .request_context import route_template
 
 if TYPE_CHECKING:
@@ -133,8 +136,10 @@ def _sweep_forever(ref: weakref.ref[LeakRegistry], stop: threading.Event, interv
             return
         try:
             registry.sweep()
-        except Exception:  # never let the sweep thread die; the next sweep tries again
-            traceback.print_exc()
+        except Exception as exc:  # never let the sweep thread die; the next sweep tries again
+            structlog.get_logger(LOGGER_NAME).error(
+                "db_session.sweep_failed", error_type=type(exc).__name__, exc_info=exc
+            )
         del registry
 
 

@@ -199,10 +199,11 @@ class RequestSession(StatementTally):
     async def send(self, message: Message) -> None:
         """The ``send`` the application sees: decides at ``http.response.start``."""
         if self.phase is Phase.RUNNING and message["type"] == "http.response.start":
-            # A cancellation held back while a worker thread ran (anyio delivers it at the next
-            # checkpoint) must turn into a rollback here, not after a commit.
-            await anyio.lowlevel.checkpoint_if_cancelled()
             self.status = status = message["status"]
+            if self.session is not None:
+                # A cancellation held back while a worker thread ran (anyio delivers it at the
+                # next checkpoint) must turn into a rollback here, not come after a commit.
+                await anyio.lowlevel.checkpoint_if_cancelled()
             committed = self.session is None or await self._decide(status)
             self.phase = Phase.DECIDED
             self.late = True

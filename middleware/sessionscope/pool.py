@@ -40,8 +40,8 @@ from sqlalchemy.pool import Pool, PoolProxiedConnection
 
 from . import catalogue as cat
 from .metrics import Metrics
+from .reporting import LOGGER_NAME
 
-LOGGER_NAME: Final = "sessionscope"
 TIMEOUT_EVENT: Final = "db_pool.timeout"
 INVALIDATION_KINDS: Final = ("hard", "soft")
 _INSTRUMENTS_ATTRIBUTE: Final = "_sessionscope_pool_instruments"
