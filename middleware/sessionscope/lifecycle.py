@@ -230,8 +230,7 @@ class RequestSession(StatementTally):
             return True
         started = perf_counter()
         try:
-            with anyio.CancelScope(shield=True):
-                await self._call("commit")
+            await self._call("commit")
         except Exception as exc:
             self.outcome, self.reason = oc.ROLLBACK, oc.COMMIT_ERROR
             self.settings.reporter.failed(self, oc.PHASE_COMMIT, exc)
@@ -242,13 +241,12 @@ class RequestSession(StatementTally):
         return True
 
     async def _rollback(self, reason: str) -> None:
-        with anyio.CancelScope(shield=True):
-            try:
-                await self._call("rollback")
-            except Exception as exc:
-                self.settings.reporter.failed(self, oc.PHASE_ROLLBACK, exc)
-                await self._discard()
-                return
+        try:
+            await self._call("rollback")
+        except Exception as exc:
+            self.settings.reporter.failed(self, oc.PHASE_ROLLBACK, exc)
+            await self._discard()
+            return
         self.settings.reporter.rolled_back(self, reason)
 
     # -- closed ----------------------------------------------------------------------------
@@ -268,8 +266,7 @@ class RequestSession(StatementTally):
         sync.info.pop(REQUEST_KEY, None)
         sync.info[_CLOSED_BY] = (self.settings, route)
         if sync.in_transaction():
-            with anyio.CancelScope(shield=True):
-                await self._close_transaction(sync, exc)
+            await self._close_transaction(sync, exc)
         else:
             if self.phase is Phase.RUNNING:
                 self.outcome = oc.UNUSED
@@ -281,7 +278,8 @@ class RequestSession(StatementTally):
         self.closed_at = perf_counter()
         self.settings.reporter.closed(self)
         if self.hooks is not None and self.outcome == oc.COMMIT and self.hooks.after:
-            await self.hooks.run(self, self.hooks.after)
+            with anyio.CancelScope(shield=True):  # the data is committed: its hooks must run
+                await self.hooks.run(self, self.hooks.after)
 
     async def _close_transaction(self, sync: Session, exc: BaseException | None) -> None:
         """Roll back the undecided or late transaction and return its connection."""

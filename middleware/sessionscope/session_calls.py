@@ -34,10 +34,14 @@ class SessionCalls:
         self._lane: RunVar[anyio.CapacityLimiter] = RunVar(f"sessionscope_lane_{name}")
 
     async def call(self, session: AnySession, method: str, *, holds_connection: bool) -> None:
-        """Run ``session.<method>()`` without blocking the event loop."""
+        """Run ``session.<method>()`` to completion, without blocking the event loop."""
         bound = getattr(session, method)
         if self._is_async:
-            await cast(Callable[[], Awaitable[Any]], bound)()
+            # Shielded: a cancellation must not interrupt the driver half-way through.
+            with anyio.CancelScope(shield=True):
+                await cast(Callable[[], Awaitable[Any]], bound)()
+        # A worker thread is waited for even when the caller is cancelled (anyio shields the
+        # wait); the cancellation arrives afterwards, at the caller's next checkpoint.
         elif holds_connection:
             await anyio.to_thread.run_sync(bound, limiter=self._lane_limiter())
         else:
