@@ -266,7 +266,10 @@ class RequestSession(StatementTally):
         sync.info.pop(REQUEST_KEY, None)
         sync.info[_CLOSED_BY] = (self.settings, route)
         if sync.in_transaction():
-            await self._close_transaction(sync, exc)
+            # Shielded: cleanup of a cancelled request must still run (a worker-thread call
+            # checks for cancellation before it starts, and would otherwise never close).
+            with anyio.CancelScope(shield=True):
+                await self._close_transaction(sync, exc)
         else:
             if self.phase is Phase.RUNNING:
                 self.outcome = oc.UNUSED

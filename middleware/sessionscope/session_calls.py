@@ -40,8 +40,9 @@ class SessionCalls:
             # Shielded: a cancellation must not interrupt the driver half-way through.
             with anyio.CancelScope(shield=True):
                 await cast(Callable[[], Awaitable[Any]], bound)()
-        # A worker thread is waited for even when the caller is cancelled (anyio shields the
-        # wait); the cancellation arrives afterwards, at the caller's next checkpoint.
+        # A worker thread, once started, is waited for even when the caller is cancelled (anyio
+        # shields the wait). Before it starts, a cancellation stops the call cleanly: callers
+        # whose call must happen anyway (cleanup) shield it themselves.
         elif holds_connection:
             await anyio.to_thread.run_sync(bound, limiter=self._lane_limiter())
         else:

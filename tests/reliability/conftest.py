@@ -33,6 +33,8 @@ def check(pg_url: str) -> Iterator[Engine]:
     with engine.begin() as conn:
         conn.execute(sa.text(f"create schema if not exists {SCHEMA}"))
     with engine.begin() as conn:
+        # fail fast instead of hanging if a transaction somewhere still holds the tables
+        conn.execute(sa.text("set local lock_timeout = '20s'"))
         metadata.drop_all(conn)
         metadata.create_all(conn)
     yield engine
