@@ -31,11 +31,16 @@ def get_session(name: str | None = None, *, kind: type[Any] | None = None) -> Se
     """
 
     async def request_session(request: HTTPConnection) -> Any:
-        state = request.scope.get("state")
+        scope = request.scope
+        state = scope.get("state")
         if not isinstance(state, RequestState):
             state = RequestState(None)  # no middleware ran: resolve() says what to do
-        wanted = state.resolve(name, asked_by=f"the route {request.url.path!r}")
-        session = await state.open(state.names[wanted])
+        names = state.names
+        if name is None and len(names) == 1:  # the common case, without building messages
+            wanted = next(iter(names))
+        else:
+            wanted = state.resolve(name, asked_by=f"the route {scope.get('path')!r}")
+        session = await state.open(names[wanted])
         if kind is not None and not isinstance(session, kind):
             raise SessionNotAvailableError(
                 f"the route asks for a {kind.__name__} but database {wanted!r} gives "

@@ -76,22 +76,19 @@ class LeakRegistry:
             task: asyncio.Task[Any] | None = asyncio.current_task()
         except RuntimeError:  # a worker thread: no running loop here
             task = None
-        entry = OpenSession(rs, perf_counter(), threading.get_ident(), task)
-        with self._lock:
-            self._open[id(rs)] = entry
+        # Single dict operations are atomic: no lock on the request path.
+        self._open[id(rs)] = OpenSession(rs, perf_counter(), threading.get_ident(), task)
         if self._thread is None:
             self._start()
 
     def remove(self, rs: RequestSession) -> OpenSession | None:
         """Unregister a closed session; the entry tells whether it had been reported."""
-        with self._lock:
-            return self._open.pop(id(rs), None)
+        return self._open.pop(id(rs), None)
 
     def sweep(self) -> list[Suspect]:
         """Check every open session once; report those newly over the threshold."""
         now = perf_counter()
-        with self._lock:
-            entries = list(self._open.values())
+        entries = list(self._open.values())  # one C-level copy: safe against concurrent changes
         oldest = 0.0
         over = 0
         fresh: list[Suspect] = []

@@ -177,8 +177,14 @@ class PoolInstruments:
         pending = self._pending
         wait = self._wait
 
+        idle = getattr(pool, "checkedin", None)
+
         def connect() -> PoolProxiedConnection:
-            pending.inc()
+            # With an idle connection in the pool the checkout does not wait: it is not
+            # counted as pending (two locked gauge updates saved on the common path).
+            may_wait = idle is None or idle() <= 0
+            if may_wait:
+                pending.inc()
             start = perf_counter()
             try:
                 connection = original()
@@ -189,7 +195,8 @@ class PoolInstruments:
                 self._log_timeout(pool, waited)
                 raise
             finally:
-                pending.dec()
+                if may_wait:
+                    pending.dec()
             wait.observe(perf_counter() - start)
             return connection
 

@@ -193,9 +193,10 @@ class Reporter:
             per_route = metrics.route(route)
             per_route.closed[outcome].inc()
             per_route.held.inc(duration)
-            per_route.statements.inc(rs.tally.statements)
+            if rs.statements:
+                per_route.statements.inc(rs.statements)
             metrics.duration[outcome].observe(duration)
-            metrics.statements_per_session.observe(rs.tally.statements)
+            metrics.statements_per_session.observe(rs.statements)
             metrics.open.dec()
         if self.leaks is not None:
             entry = self.leaks.remove(rs)
@@ -214,7 +215,7 @@ class Reporter:
                 outcome=rs.outcome,
                 reason=rs.reason,
                 duration_s=round(duration, 6),
-                statements=rs.tally.statements,
+                statements=rs.statements,
                 **self.fields(rs),
             )
 

@@ -1,0 +1,104 @@
+"""sessionscope's ``DBSessionMiddleware``, with metrics and logging on (defaults) or off.
+
+"On" is the default configuration with structlog filtering below INFO, as a production app
+configures it (see :func:`benchmarks.logging_setup.configure_production_logging`), and a
+registry of its own. "Off" passes ``metrics=False`` and ``closed_log_level=None`` when the
+installed middleware has those options; :func:`off_supported` says whether it does.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any
+
+from fastapi import FastAPI
+from sqlalchemy import create_engine
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from .. import endpoints
+from .base import Built, Contender, Target, built
+
+
+def _middleware() -> Any:
+    from sessionscope import DBSessionMiddleware
+
+    return DBSessionMiddleware
+
+
+def _parameters() -> set[str]:
+    return set(inspect.signature(_middleware().__init__).parameters)
+
+
+_OFF: dict[str, Any] = {"metrics": False, "closed_log_level": None}
+
+
+@functools.cache
+def off_supported() -> bool:
+    """Whether ``DBSessionMiddleware`` accepts ``metrics=False, closed_log_level=None``."""
+    if not _OFF.keys() <= _parameters():
+        return False
+    engine = create_engine("sqlite://")
+    try:
+        _middleware()(FastAPI(), engine=engine, **_OFF)
+    except Exception:  # an older signature that refuses None
+        return False
+    finally:
+        engine.dispose()
+    return True
+
+
+def _options(observed: bool) -> dict[str, Any]:
+    if not observed:
+        return dict(_OFF) if off_supported() else {}
+    if "registry" in _parameters():
+        from prometheus_client import CollectorRegistry
+
+        return {"registry": CollectorRegistry()}
+    return {}
+
+
+def _builder(observed: bool) -> Any:
+    async def build(target: Target) -> Built:
+        from sessionscope.fastapi import AsyncDBSession, DBSession
+
+        app = FastAPI()
+        endpoints.add_nodb_route(app)
+        if target.mode == "sync":
+            engine: Any = create_engine(target.url, **target.engine_kwargs)
+            for prefix in target.prefixes():
+                endpoints.add_sync_dependency_routes(
+                    app, DBSession, commit_in_route=False, prefix=prefix
+                )
+            param: Any = DBSession
+        else:
+            engine = create_async_engine(target.url, **target.engine_kwargs)
+            for prefix in target.prefixes():
+                endpoints.add_async_dependency_routes(
+                    app, AsyncDBSession, commit_in_route=False, prefix=prefix
+                )
+            param = AsyncDBSession
+        if target.hold_gate is not None:
+            endpoints.add_hold_route(app, param, target.hold_gate)
+        app.add_middleware(_middleware(), engine=engine, **_options(observed))
+        return built(app, engine.dispose)
+
+    return build
+
+
+SESSIONSCOPE_ON = Contender(
+    key="ss_on",
+    label="sessionscope (metrics+logging on)",
+    modes=frozenset({"sync", "async"}),
+    build=_builder(True),
+    requires=("sessionscope",),
+    scaling=True,
+)
+SESSIONSCOPE_OFF = Contender(
+    key="ss_off",
+    label="sessionscope (metrics+logging off)",
+    modes=frozenset({"sync", "async"}),
+    build=_builder(False),
+    requires=("sessionscope",),
+    scaling=True,
+)

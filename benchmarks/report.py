@@ -1,0 +1,362 @@
+"""The results as Markdown: the comparison table, the targets, scaling, memory, end to end."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from .contenders import ALL, BY_KEY, PEERS
+from .e2e import E2EMeasurement
+from .results import Results
+from .scenarios import BY_KEY as SCENARIOS
+from .scenarios import SCENARIOS as SCENARIO_ORDER
+
+BASELINE = "get_db"
+SESSIONSCOPE = "ss_on"
+SESSIONSCOPE_OFF = "ss_off"
+EXTRA_MARK = "†"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One target: what it asks, the figures, and whether it is met (``None``: not measured)."""
+
+    target: str
+    figures: str
+    met: bool | None
+
+
+def _fmt(us: float) -> str:
+    return f"{us:,.0f}" if us >= 100 else f"{us:.1f}"
+
+
+def _cell(results: Results, scenario: str, contender: str, cpu: bool = False) -> str:
+    extra = contender in results.extra_contenders
+    value = results.median(scenario, contender, extra=extra, cpu=cpu)
+    if value is None:
+        return "-"
+    base = results.median(scenario, BASELINE, extra=extra, cpu=cpu)
+    ratio = f" ({value / base:.2f}x)" if base else ""
+    return f"{_fmt(value)}{ratio}{EXTRA_MARK if extra else ''}"
+
+
+def _scenarios(results: Results) -> list[str]:
+    seen = {m.scenario for m in [*results.inprocess, *results.extra]}
+    return [s.key for s in SCENARIO_ORDER if s.key in seen]
+
+
+def comparison_table(results: Results, *, cpu: bool = False) -> str:
+    """Contenders x scenarios: median µs/request and the ratio to ``Depends(get_db)``.
+
+    ``cpu``: CPU time (all threads of the process) instead of wall-clock time.
+    """
+    scenarios = _scenarios(results)
+    measured = {m.contender for m in results.inprocess} | set(results.extra_contenders)
+    header = "| contender | " + " | ".join(SCENARIOS[s].label for s in scenarios) + " |"
+    lines = [header, "|---|" + "---:|" * len(scenarios)]
+    for contender in ALL:
+        if contender.key not in measured:
+            continue
+        cells = " | ".join(_cell(results, s, contender.key, cpu) for s in scenarios)
+        lines.append(f"| {contender.label} | {cells} |")
+    return "\n".join(lines)
+
+
+def _ratio(results: Results, scenario: str, contender: str) -> float | None:
+    extra = contender in results.extra_contenders
+    value = results.median(scenario, contender, extra=extra)
+    base = results.median(scenario, BASELINE, extra=extra)
+    return None if value is None or not base else value / base
+
+
+def _peers_in(results: Results, scenario: str) -> list[str]:
+    keys = {m.contender for m in results.inprocess if m.scenario == scenario}
+    keys |= {m.contender for m in results.extra if m.scenario == scenario} & set(
+        results.extra_contenders
+    )
+    return sorted(k for k in keys if k in PEERS)
+
+
+def _beats_peers(results: Results, scenario: str, ours: float) -> tuple[bool, str]:
+    """Whether sessionscope's ratio beats every peer's ratio (ratios: comparable across venvs)."""
+    parts, ok = [], True
+    for peer in _peers_in(results, scenario):
+        ratio = _ratio(results, scenario, peer)
+        if ratio is None:
+            continue
+        parts.append(f"{BY_KEY[peer].label} {ratio:.2f}x")
+        ok = ok and ours < ratio
+    return ok, ", ".join(parts) or "no peer measured"
+
+
+def _speed_target(results: Results, scenario: str, limit: float) -> Verdict:
+    label = SCENARIOS[scenario].label
+    target = f"{label}: ≤ {limit:.2f}x Depends(get_db) and faster than every peer"
+    ours = _ratio(results, scenario, SESSIONSCOPE)
+    if ours is None:
+        return Verdict(target, "not measured", None)
+    beats, peers = _beats_peers(results, scenario, ours)
+    value = results.median(scenario, SESSIONSCOPE)
+    base = results.median(scenario, BASELINE)
+    figures = f"sessionscope {_fmt(value or 0)} µs vs {_fmt(base or 0)} µs = {ours:.2f}x; {peers}"
+    return Verdict(target, figures, ours <= limit and beats)
+
+
+def _nodb_target(results: Results) -> Verdict:
+    target = "DB-less route ≤ 1.25x bare FastAPI"
+    ours = results.median("nodb", SESSIONSCOPE)
+    bare = results.median("nodb", "bare")
+    if ours is None or bare is None:
+        return Verdict(target, "not measured", None)
+    off = results.median("nodb", SESSIONSCOPE_OFF)
+    extra = f" (off: {off / bare:.2f}x)" if off is not None else ""
+    return Verdict(
+        target,
+        f"{_fmt(ours)} µs vs {_fmt(bare)} µs = {ours / bare:.2f}x{extra}",
+        ours / bare <= 1.25,
+    )
+
+
+def _on_off_target(results: Results) -> Verdict:
+    target = "metrics+logging on vs off: ≤ 10 µs/request (judged on CPU time)"
+    if not results.off_supported:
+        return Verdict(
+            target, "DBSessionMiddleware has no metrics=/closed_log_level=None yet", None
+        )
+    diffs = []
+    for scenario in _scenarios(results):
+        on, off = (results.median(scenario, k) for k in (SESSIONSCOPE, SESSIONSCOPE_OFF))
+        cpu_on, cpu_off = (
+            results.median(scenario, k, cpu=True) for k in (SESSIONSCOPE, SESSIONSCOPE_OFF)
+        )
+        if on is not None and off is not None and cpu_on is not None and cpu_off is not None:
+            diffs.append((cpu_on - cpu_off, on - off, scenario))
+    if not diffs:
+        return Verdict(target, "not measured", None)
+    text = ", ".join(f"{SCENARIOS[s].label} {c:+.0f} ({w:+.0f})" for c, w, s in diffs)
+    worst = max(c for c, _, _ in diffs)
+    return Verdict(target, f"on - off, CPU µs (wall µs): {text}", worst <= 10)
+
+
+def _scaling_target(results: Results, kind: str, low: int, high: int, what: str) -> Verdict:
+    target = f"{what}: per-request cost changes < 5 %"
+    rows = results.routes if kind == "routes" else results.open_sessions
+
+    def get(contender: str, level: int) -> float | None:
+        for m in rows:
+            if m.scenario == f"{kind}_{level}" and m.contender == contender and m.samples:
+                return m.median
+        return None
+
+    ss_low, ss_high = get(SESSIONSCOPE, low), get(SESSIONSCOPE, high)
+    if ss_low is None or ss_high is None:
+        return Verdict(target, "not measured", None)
+    raw = ss_high / ss_low - 1
+    figures = f"sessionscope {_fmt(ss_low)} → {_fmt(ss_high)} µs ({raw:+.1%})"
+    base_low, base_high = get(BASELINE, low), get(BASELINE, high)
+    if base_low is None or base_high is None:
+        return Verdict(target, figures, raw < 0.05)
+    own = ((ss_high - ss_low) - (base_high - base_low)) / ss_low
+    figures += (
+        f"; Depends(get_db) {_fmt(base_low)} → {_fmt(base_high)} µs "
+        f"({base_high / base_low - 1:+.1%}); sessionscope's own share {own:+.1%}"
+    )
+    return Verdict(target, figures, own < 0.05)
+
+
+def _rss_target(results: Results) -> Verdict:
+    rss = results.rss
+    if rss is None:
+        return Verdict("RSS after 200k requests within 5 % of after 10k", "not measured", None)
+    target = f"RSS after {rss.total:,} requests within 5 % of after {rss.checkpoint:,}"
+    figures = f"{rss.rss_checkpoint_mib:.1f} MiB → {rss.rss_total_mib:.1f} MiB ({rss.growth:+.1%})"
+    return Verdict(target, figures, abs(rss.growth) <= 0.05)
+
+
+def _e2e_of(results: Results, scenario: str, contender: str) -> E2EMeasurement | None:
+    for m in results.e2e:
+        if m.scenario == scenario and m.contender == contender and m.runs:
+            return m
+    return None
+
+
+def _e2e_targets(results: Results) -> list[Verdict]:
+    verdicts = []
+    for scenario in ("read", "insert"):
+        target = f"end to end ({scenario}): rps ≥ 0.95x Depends(get_db), p99 no worse"
+        ours, base = _e2e_of(results, scenario, SESSIONSCOPE), _e2e_of(results, scenario, BASELINE)
+        if ours is None or base is None:
+            verdicts.append(Verdict(target, "not measured", None))
+            continue
+        o, b = ours.median, base.median
+        figures = (
+            f"{o.rps:,.0f} vs {b.rps:,.0f} rps = {o.rps / b.rps:.2f}x; "
+            f"p99 {o.p99_ms:,.1f} vs {b.p99_ms:,.1f} ms"
+        )
+        verdicts.append(Verdict(target, figures, o.rps >= 0.95 * b.rps and o.p99_ms <= b.p99_ms))
+    return verdicts
+
+
+def verdicts(results: Results) -> list[Verdict]:
+    """Every target of the issue, checked against the figures."""
+    found = [
+        _nodb_target(results),
+        _speed_target(results, "read", 0.90),
+        _speed_target(results, "insert", 1.00),
+    ]
+    for scenario in ("aread", "ainsert", "pg_aread", "pg_ainsert"):
+        if any(m.scenario == scenario for m in results.inprocess):
+            found.append(_speed_target(results, scenario, 1.00))
+    found.append(_on_off_target(results))
+    found.extend(_e2e_targets(results))
+    found.append(_scaling_target(results, "routes", 1, 500, "500 routes vs 1"))
+    found.append(_scaling_target(results, "open", 10, 1000, "1,000 open sessions vs 10"))
+    found.append(_rss_target(results))
+    return found
+
+
+def targets_table(found: Iterable[Verdict]) -> str:
+    """The targets as a Markdown table."""
+    mark = {True: "met", False: "**missed**", None: "not measured"}
+    lines = ["| target | figures | result |", "|---|---|---|"]
+    lines += [f"| {v.target} | {v.figures} | {mark[v.met]} |" for v in found]
+    return "\n".join(lines)
+
+
+def _scaling_table(results: Results) -> str:
+    rows = [*results.routes, *results.open_sessions]
+    if not rows:
+        return "_not measured_"
+    lines = ["| contender | measurement | µs/request (median) |", "|---|---|---:|"]
+    for m in rows:
+        kind, level = m.scenario.split("_")
+        what = f"{int(level):,} route(s)" if kind == "routes" else f"{int(level):,} sessions open"
+        lines.append(f"| {BY_KEY[m.contender].label} | {what} | {_fmt(m.median)} |")
+    return "\n".join(lines)
+
+
+def _e2e_table(results: Results) -> str:
+    if not results.e2e:
+        return "_not measured_"
+    lines = [
+        "| scenario | contender | requests/s | p50 ms | p99 ms | errors |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for m in results.e2e:
+        if not m.runs:
+            continue
+        r = m.median
+        lines.append(
+            f"| {m.scenario} | {BY_KEY[m.contender].label} | {r.rps:,.0f} | "
+            f"{r.p50_ms:,.1f} | {r.p99_ms:,.1f} | {r.errors} |"
+        )
+    return "\n".join(lines)
+
+
+def _machine(results: Results) -> str:
+    m = results.machine
+    lines = [
+        f"- nproc: {m['nproc']}; CPU: {m['cpu']}; {m['os']}",
+        f"- Python {m['python']} (benchmark venv)",
+        "- packages: " + ", ".join(f"{k} {v}" for k, v in m["packages"].items()),
+    ]
+    if results.extra_machine is not None:
+        x = results.extra_machine
+        lines.append(
+            f"- extra venv{EXTRA_MARK}: Python {x['python']}; "
+            + ", ".join(f"{k} {v}" for k, v in x["packages"].items())
+        )
+    if results.postgres_version:
+        lines.append(f"- PostgreSQL {results.postgres_version} on loopback")
+    if m.get("wrk"):
+        lines.append(f"- load generator: {m['wrk']}")
+    return "\n".join(lines)
+
+
+def render(results: Results, *, found: list[Verdict] | None = None) -> str:
+    """The whole RESULTS.md."""
+    found = verdicts(results) if found is None else found
+    s = results.settings
+    contender_notes = "\n".join(
+        f"- **{c.label}**: {c.note}" for c in ALL if c.note and _measured(results, c.key)
+    )
+    skipped = "\n".join(f"- `{k}`: {v}" for k, v in results.skipped.items()) or "- none"
+    notes = "\n".join(f"- {n}" for n in results.notes) or "- none"
+    rss = results.rss
+    rss_line = (
+        f"{rss.contender}: {rss.rss_checkpoint_mib:.1f} MiB after {rss.checkpoint:,} requests, "
+        f"{rss.rss_total_mib:.1f} MiB after {rss.total:,} ({rss.growth:+.2%}; {rss.seconds:.0f} s)"
+        if rss
+        else "_not measured_"
+    )
+    return f"""# sessionscope benchmarks
+
+Written by `make bench` (`bash benchmarks/run.sh`); do not edit by hand.
+Settings: {", ".join(f"{k}={v}" for k, v in s.items())}.
+
+## Machine
+
+{_machine(results)}
+
+## In process: µs/request and ratio to `Depends(get_db)`
+
+Median of {s.get("rounds")} interleaved rounds of {s.get("requests")} requests each
+({s.get("nodb_requests")} for the DB-less route), after {s.get("warmup")} warm-up requests.
+
+The app is called directly (no server, no sockets), one request at a time. Sync scenarios use
+pysqlite on a SQLite file (WAL), async ones aiosqlite, `asyncpg` ones the local PostgreSQL.
+Lower is better; the ratio is to the `Depends(get_db)` row of the same column (for async
+columns: an `async def get_db()` yielding an `AsyncSession`).
+{EXTRA_MARK} = measured in the extra venv (another Python), against that process's own
+`Depends(get_db)`: compare its ratio, not its µs.
+
+{comparison_table(results)}
+
+{contender_notes}
+
+CPU µs/request (process time of the event loop and the worker threads, same runs): less
+sensitive than wall time to how long a thread hop waits for the scheduler on a busy machine.
+
+{comparison_table(results, cpu=True)}
+
+Not measured:
+{skipped}
+
+## Targets
+
+{targets_table(found)}
+
+## Scaling
+
+{_scaling_table(results)}
+
+Route matching in Starlette is linear in the number of routes, so the many-routes figure of
+every contender includes FastAPI's own extra cost; "sessionscope's own share" subtracts the
+change `Depends(get_db)` sees in the same run.
+
+## Memory
+
+{rss_line}
+
+## End to end
+
+uvicorn (1 worker) on loopback, PostgreSQL (psycopg, sync routes), {s.get("e2e_connections")}
+connections, {s.get("e2e_duration")} s per run after a warm-up, {s.get("e2e_rounds")} round(s);
+the median-rps round is shown.
+
+{_e2e_table(results)}
+
+Fastest peer (sync read, in process): {_peer_label(results)}.
+
+## Notes
+
+{notes}
+"""
+
+
+def _peer_label(results: Results) -> str:
+    return BY_KEY[results.e2e_peer].label if results.e2e_peer else "-"
+
+
+def _measured(results: Results, key: str) -> bool:
+    return any(m.contender == key for m in [*results.inprocess, *results.extra])

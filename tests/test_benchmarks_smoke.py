@@ -1,0 +1,97 @@
+"""Keeps the benchmark harness working: every scenario runs a few times, nothing is timed.
+
+Only the contenders importable in the project venv take part (bare FastAPI, the hand-written
+``Depends(get_db)`` and sessionscope with metrics and logging on and off); the peers live in
+the benchmark venv that ``make bench`` creates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from benchmarks import contenders as c
+from benchmarks.database import remove_sqlite_pragmas
+from benchmarks.e2e import E2EMeasurement, LoadResult, parse_wrk
+from benchmarks.inprocess import Measurement, RunSettings, run_inprocess
+from benchmarks.report import comparison_table, render, verdicts
+from benchmarks.results import Results
+from benchmarks.rss import measure_rss
+from benchmarks.scaling import ScalingSettings, measure_open_sessions, measure_routes
+from benchmarks.scenarios import SCENARIOS
+
+LOCAL = [c.BY_KEY[k] for k in ("bare", "get_db", "get_db_fn", "ss_on", "ss_off")]
+TINY = RunSettings(rounds=2, requests=3, nodb_requests=3, warmup=2, collect=False)
+WRK_OUTPUT = """Running 3s test @ http://127.0.0.1:8000/items/1
+  2 threads and 64 connections
+  Latency Distribution
+     50%    2.50ms
+     75%    3.10ms
+     90%    4.00ms
+     99%    1.20s
+  1000 requests in 3.00s, 150.00KB read
+  Socket errors: connect 0, read 1, write 0, timeout 2
+  Non-2xx or 3xx responses: 3
+Requests/sec:    333.33
+"""
+
+
+@pytest.fixture(autouse=True)
+def _no_global_pragmas() -> Iterator[None]:
+    """The harness sets WAL on every SQLite engine of the process: not for other tests."""
+    yield
+    remove_sqlite_pragmas()
+
+
+def test_every_sqlite_scenario_runs_for_every_local_contender(tmp_path: Path) -> None:
+    scenarios = [s for s in SCENARIOS if s.database == "sqlite"]
+    measurements, skipped = asyncio.run(
+        run_inprocess(LOCAL, scenarios, TINY, tmp_path, use_postgres=False)
+    )
+    measured = {(m.scenario, m.contender) for m in measurements}
+    for scenario in scenarios:
+        for contender in LOCAL:
+            if scenario.runs(contender) and c.unavailable(contender) is None:
+                assert (scenario.key, contender.key) in measured
+    assert all(len(m.samples) == len(m.cpu) == TINY.rounds for m in measurements)
+    assert set(skipped) <= {"get_db_fn"}
+
+
+def test_scaling_and_memory_run(tmp_path: Path) -> None:
+    pair = [c.BY_KEY["get_db"], c.BY_KEY["ss_on"]]
+    settings = ScalingSettings(
+        rounds=1, requests=4, routes=(1, 3), open_sessions=(1, 5), collect=False
+    )
+    routes = asyncio.run(measure_routes(pair, settings, tmp_path))
+    held = asyncio.run(measure_open_sessions(pair, settings, tmp_path))
+    assert {m.scenario for m in routes} == {"routes_1", "routes_3"}
+    assert {m.scenario for m in held} == {"open_1", "open_5"}
+    rss = asyncio.run(measure_rss(tmp_path, contender_key="ss_on", checkpoint=31, total=62))
+    assert rss.rss_total_mib > 0
+
+
+def test_report_renders_with_every_part() -> None:
+    parsed = parse_wrk(WRK_OUTPUT)
+    assert parsed == LoadResult(rps=333.33, p50_ms=2.5, p99_ms=1200.0, errors=6)
+    results = Results(
+        machine={"nproc": 2, "cpu": "cpu", "os": "os", "python": "3", "packages": {}},
+        settings={"rounds": 1},
+        inprocess=[
+            Measurement("read", "get_db", [100.0]),
+            Measurement("read", "ss_on", [80.0]),
+            Measurement("nodb", "bare", [10.0]),
+            Measurement("nodb", "ss_on", [12.0]),
+        ],
+        routes=[
+            Measurement("routes_1", "ss_on", [80.0]),
+            Measurement("routes_500", "ss_on", [82.0]),
+        ],
+        e2e=[E2EMeasurement("read", "ss_on", [parsed]), E2EMeasurement("read", "get_db", [parsed])],
+    )
+    text = render(results)
+    assert "Depends(get_db)" in comparison_table(results)
+    assert "## Targets" in text
+    assert any(v.met for v in verdicts(results))
