@@ -57,7 +57,7 @@ def postgres_url() -> str | None:
             pytest.fail(f"{REQUIRE_POSTGRES_ENV}=1 but {POSTGRES_URL_ENV} is not set")
         pytest.skip(
             f"PostgreSQL tests need {POSTGRES_URL_ENV}=postgresql://user@host:port/db "
-            "(make test sets it when a server answers on 127.0.0.1:5432)"
+            "(e.g. postgresql://postgres@127.0.0.1:5432/test; .ci/run sets it)"
         )
     try:
         engine = sa.create_engine(driver_url(url, async_=False), poolclass=sa.NullPool)
