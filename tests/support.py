@@ -265,9 +265,11 @@ async def request(
     body: bytes = b"",
     headers: Sequence[tuple[bytes, bytes]] = (),
     scope: dict[str, Any] | None = None,
+    messages: list[Message] | None = None,
 ) -> Exchange:
-    """Call ``app`` once; client messages are appended to ``log`` as they arrive."""
-    messages: list[Message] = []
+    """Call ``app`` once; client messages are appended to ``log`` (and ``messages``) as they
+    arrive, so a caller keeps what was sent even when the app raises."""
+    messages = [] if messages is None else messages
     disconnected = anyio.Event()
     sent_body = False
 
@@ -284,6 +286,8 @@ async def request(
         if log is not None:
             log.append(("SEND", message["type"], message.get("status")))
 
-    await app(scope or http_scope(path, method, headers), receive, send)
-    disconnected.set()
+    try:
+        await app(scope or http_scope(path, method, headers), receive, send)
+    finally:
+        disconnected.set()
     return Exchange(messages)

@@ -66,7 +66,8 @@ async def test_an_oversized_or_malformed_x_request_id_is_replaced_never_logged(
     (closed,) = logs
     assert closed["request_id"] != hostile.decode()
     assert len(closed["request_id"]) == 32
-    assert hostile.decode() not in repr(logs) or not hostile
+    if hostile:  # the empty header is simply absent from the logs
+        assert hostile.decode() not in repr(logs)
 
 
 async def test_asgi_correlation_id_is_used_when_that_middleware_runs_outside(

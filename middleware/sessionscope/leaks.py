@@ -155,7 +155,7 @@ def _stack_of(entry: OpenSession) -> str:
             awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
         summary = traceback.StackSummary.extract((f, f.f_lineno) for f in frames[-20:])
         parts.append("task " + task.get_name() + ":\n" + "".join(summary.format()))
-    thread_id = entry.rs.tally.thread
+    thread_id = entry.rs.thread
     if thread_id and (task is None or thread_id != entry.thread_id):
         frame = sys._current_frames().get(thread_id)
         if frame is not None:

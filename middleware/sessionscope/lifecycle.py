@@ -149,11 +149,6 @@ class RequestSession(StatementTally):
         self.opened_at = 0.0
         self.closed_at = 0.0
 
-    @property
-    def tally(self) -> StatementTally:
-        """The statements this request ran (this object itself)."""
-        return self
-
     # -- created -------------------------------------------------------------------------
 
     def open(self) -> AnySession:

@@ -7,8 +7,6 @@ import weakref
 from types import TracebackType
 from typing import Any, Generic, TypeVar, overload
 
-import anyio
-import anyio.to_thread
 import structlog
 from prometheus_client import CollectorRegistry
 from sqlalchemy.engine import Engine
@@ -19,6 +17,7 @@ from .catalogue import DEFAULT_NAMESPACE
 from .errors import ConfigurationError
 from .metrics import DbMetrics, Metrics
 from .reporting import LOGGER_NAME
+from .session_calls import run_to_completion
 from .source import AnySession, SessionSource, resolve_source
 
 S = TypeVar("S", bound=AnySession)
@@ -137,21 +136,11 @@ class session_scope(Generic[S]):
         session: AnySession = self._take()
         if exc is None:
             try:
-                with anyio.CancelScope(shield=True):
-                    await _call(session, "commit")
+                await run_to_completion(session, "commit")
             except BaseException:
-                with anyio.CancelScope(shield=True):
-                    await _call(session, "close")
+                await run_to_completion(session, "close")
                 raise
-        with anyio.CancelScope(shield=True):
-            await _call(session, "close")
-
-
-async def _call(session: AnySession, method: str) -> None:
-    if isinstance(session, AsyncSession):
-        await getattr(session, method)()
-    else:
-        await anyio.to_thread.run_sync(getattr(session, method))
+        await run_to_completion(session, "close")
 
 
 def _report_unclosed(metrics: DbMetrics, name: str, opened_at: str) -> None:

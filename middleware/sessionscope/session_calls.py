@@ -16,6 +16,7 @@ from typing import Any, cast
 import anyio
 import anyio.to_thread
 from anyio.lowlevel import RunVar
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from .source import AnySession
 
@@ -55,3 +56,17 @@ class SessionCalls:
             limiter = anyio.CapacityLimiter(FINALIZER_THREADS)
             self._lane.set(limiter)
             return limiter
+
+
+async def run_to_completion(session: AnySession, method: str) -> None:
+    """``session.<method>()``, shielded from cancellation, in a worker thread for a sync session.
+
+    For sessions outside requests (``session_scope``, per-task sessions): their cleanup must
+    happen even when the task running them is cancelled.
+    """
+    bound = getattr(session, method)
+    with anyio.CancelScope(shield=True):
+        if isinstance(session, AsyncSession):
+            await bound()
+        else:
+            await anyio.to_thread.run_sync(bound)

@@ -54,7 +54,8 @@ from .errors import ConfigurationError, SessionNotAvailableError
 from .lifecycle import SessionSettings
 from .request_context import route_template
 from .request_state import RequestState
-from .source import AnySession, SessionSource
+from .session_calls import run_to_completion
+from .source import AnySession
 
 __all__ = ["gather_with_sessions", "task_session"]
 
@@ -141,7 +142,7 @@ async def _task_session(
 ) -> AsyncIterator[Any]:
     session = settings.source.new_session()
     if kind is not None and not isinstance(session, kind):
-        await _finish(session, "close")
+        await run_to_completion(session, "close")
         raise SessionNotAvailableError(
             f"task_session(kind={kind.__name__}) but the database gives "
             f"{type(session).__name__} sessions."
@@ -157,31 +158,22 @@ async def _task_session(
                 yield session
             except BaseException:
                 outcome = oc.ROLLBACK if sync.in_transaction() else oc.UNUSED
-                await _finish(session, "close")  # close() rolls the transaction back
+                await run_to_completion(session, "close")  # close() rolls the transaction back
                 raise
             began = sync.in_transaction()
             if commit and began:
                 try:
-                    await _finish(session, "commit")
+                    await run_to_completion(session, "commit")
                 except BaseException:
                     outcome = oc.ROLLBACK
-                    await _finish(session, "close")
+                    await run_to_completion(session, "close")
                     raise
                 outcome = oc.COMMIT
             elif began:
                 outcome = oc.ROLLBACK
-            await _finish(session, "close")
+            await run_to_completion(session, "close")
     finally:
         reporter.task_closed(route_template(scope), outcome, perf_counter() - opened)
-
-
-async def _finish(session: AnySession, method: str) -> None:
-    """``commit`` or ``close``, shielded from cancellation, off the event loop for sync."""
-    with anyio.CancelScope(shield=True):
-        if isinstance(session, AsyncSession):
-            await getattr(session, method)()
-        else:
-            await anyio.to_thread.run_sync(getattr(session, method))
 
 
 async def _call_with(function: TaskFunction, session: AnySession) -> Any:
@@ -209,11 +201,6 @@ def _scope_of(request: Any) -> Mapping[str, Any]:
             f"not {type(request).__name__}."
         )
     return scope
-
-
-def request_session_source(scope: Mapping[str, Any], name: str | None = None) -> SessionSource:
-    """The session source of database ``name`` of the request with this ASGI ``scope``."""
-    return _settings_of(scope, name).source
 
 
 def _settings_of(scope: Mapping[str, Any], name: str | None) -> SessionSettings:

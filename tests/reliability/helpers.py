@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from ..support import ASGIApp, Exchange, Message, driver_url, http_scope
+from ..support import ASGIApp, Exchange, Message, driver_url, http_scope, request
 
 SCHEMA = "ss_reliability"
 """The suite's own schema: its tables never collide with other tests run at the same time."""
@@ -168,30 +168,15 @@ class Client:
         query: str = "",
     ) -> Outcome:
         messages: list[Message] = []
-        sent_body = False
-        done = anyio.Event()
-
-        async def receive() -> Message:
-            nonlocal sent_body
-            if not sent_body:
-                sent_body = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            await done.wait()
-            return {"type": "http.disconnect"}
-
-        async def send(message: Message) -> None:
-            messages.append(message)
-
         outcome = Outcome(messages, marker=marker)
         started = time.perf_counter()
         scope = http_scope(path, method, headers)
         scope["query_string"] = query.encode()
         try:
-            await self.app(scope, receive, send)
+            await request(self.app, body=body, scope=scope, messages=messages)
         except Exception as exc:
             outcome.error = exc
         finally:
-            done.set()
             outcome.elapsed = time.perf_counter() - started
         self.outcomes.append(outcome)
         return outcome
