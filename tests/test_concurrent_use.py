@@ -36,7 +36,12 @@ async def test_two_tasks_on_the_request_session_get_a_clear_error(backend: Backe
 
         async def use() -> None:
             if isinstance(session, AsyncSession):
-                await session.execute(statement)
+                # Shielded like the thread below (a started worker thread is always waited
+                # for): aiosqlite cannot be cancelled mid-statement cleanly. SQLAlchemy then
+                # terminates the connection, and aiosqlite's graceful close, interrupted, waits
+                # forever on a worker thread that has already stopped.
+                with anyio.CancelScope(shield=True):
+                    await session.execute(statement)
             else:
                 await anyio.to_thread.run_sync(session.execute, statement)
 
