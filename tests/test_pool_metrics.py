@@ -115,7 +115,6 @@ def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
 def listener_counts(engine: Engine) -> list[int]:
     pool: Any = engine.pool
     counts = [len(getattr(pool.dispatch, name)) for name in POOL_EVENTS]
-    counts.append(len(engine.dispatch.engine_disposed))
     counts.append(len(engine.dialect.dispatch.do_connect))
     return counts
 

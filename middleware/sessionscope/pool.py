@@ -17,8 +17,11 @@
   ``pool_connections_created_total``, ``pool_connections_closed_total`` and
   ``pool_connections_invalidated_total{kind}``, from pool and dialect events.
 
-Everything survives ``engine.dispose()``: event listeners move to the new pool with the engine's
-dispatch, and the ``connect()`` wrapper is re-applied from the ``engine_disposed`` event.
+Everything survives ``engine.dispose()``: event listeners move to the new pool with the pool's
+dispatch, and the ``connect()`` wrapper is re-applied by wrapping ``recreate()``, which
+``dispose()`` calls to make the new pool. No connection-level (``ConnectionEvents``) listener is
+installed: one of those makes SQLAlchemy build an event dispatcher for every ``Connection``,
+which costs more per request than everything measured here.
 """
 
 from __future__ import annotations
@@ -120,16 +123,18 @@ class PoolInstruments:
         """The instrumented engine (held weakly: a registry does not keep engines alive)."""
         return self._engine_ref()
 
-    def refresh(self) -> None:
-        """Set the state gauges from the current pool; what a multiprocess sweep calls.
+    def refresh(self, pool: Pool | None = None) -> None:
+        """Set the state gauges from ``pool`` (default: the engine's current pool); what a
+        multiprocess sweep calls.
 
         In a single process the same gauges are read at scrape time, so this is not needed there
         (and harmless). Never raises; a value that cannot be read is set to NaN.
         """
-        engine = self._engine_ref()
-        if engine is None:
-            return
-        pool = engine.pool
+        if pool is None:
+            engine = self._engine_ref()
+            if engine is None:
+                return
+            pool = engine.pool
         for child, read in self._gauges:
             child.set(_read(read, pool))
 
@@ -158,7 +163,6 @@ class PoolInstruments:
         event.listen(engine, "close_detached", self._on_close_detached)
         event.listen(engine, "invalidate", self._on_invalidate)
         event.listen(engine, "soft_invalidate", self._on_soft_invalidate)
-        event.listen(engine, "engine_disposed", self._on_engine_disposed)
         if self.multiprocess and _has(engine.pool, "checkedout") and _has(engine.pool, "checkedin"):
             self._used = self.metrics[cat.POOL_CONNECTIONS].labels(self.db, "used")
             self._idle = self.metrics[cat.POOL_CONNECTIONS].labels(self.db, "idle")
@@ -167,11 +171,23 @@ class PoolInstruments:
         self._wrap(engine.pool)
 
     def _wrap(self, pool: Pool) -> None:
-        """Replace ``pool.connect`` (on the instance) with a measuring wrapper, once per pool."""
+        """Replace ``pool.connect`` and ``pool.recreate`` (on the instance) with wrappers that
+        measure checkouts and instrument the pool that replaces this one; once per pool."""
         wrapped_by: set[PoolInstruments] = pool.__dict__.setdefault(_WRAPPED_ATTRIBUTE, set())
         if self in wrapped_by:
             return
         wrapped_by.add(self)
+        recreate: Callable[[], Pool] = pool.recreate
+
+        def recreate_instrumented() -> Pool:
+            # engine.dispose() makes the new pool here; listeners move with its dispatch.
+            new_pool = recreate()
+            self._wrap(new_pool)
+            if self.multiprocess:
+                self.refresh(new_pool)
+            return new_pool
+
+        setattr(pool, "recreate", recreate_instrumented)  # noqa: B010 (as for connect below)
         # Chains onto whatever is there, so several instruments (db labels) can wrap one pool.
         original: Callable[[], PoolProxiedConnection] = pool.connect
         pending = self._pending
@@ -260,12 +276,6 @@ class PoolInstruments:
 
     def _on_soft_invalidate(self, dbapi_connection: Any, record: Any, exception: Any) -> None:
         self._soft.inc()
-
-    def _on_engine_disposed(self, engine: Engine) -> None:
-        # Fires after the new pool replaced the old one; listeners moved, the wrapper did not.
-        self._wrap(engine.pool)
-        if self.multiprocess:
-            self.refresh()
 
     def _set_on_checkout(self, dbapi_connection: Any, record: Any, proxy: Any) -> None:
         engine = self._engine_ref()

@@ -1,6 +1,6 @@
-"""Counting the statements a request runs, through one engine listener and a ContextVar.
+"""Counting the statements a request runs, through dialect listeners and a ContextVar.
 
-The listener is installed once per engine. Each request that passes through a
+The listeners are installed once per engine. Each request that passes through a
 ``DBSessionMiddleware`` makes its :class:`StatementTally` current; sync endpoints (run in the
 threadpool with a copy of the context) and async drivers (greenlets that copy the context)
 see the same tally object, so their increments land where the middleware reads them.
@@ -54,12 +54,12 @@ class StatementTally:
         self.late_writes = 0
         self.parent: StatementTally | None = None
         self.thread = 0
+        """The thread that ran the latest statement (where a held session is being used)."""
         self.read_only = False
+        """Writes raise :class:`~sessionscope.errors.ReadOnlyRequestError` (replica requests)."""
         self.busy_connection: Connection | None = None
         """The connection running a statement for this request right now, and who runs it."""
         self.busy_owner: object = None
-        """Writes raise :class:`~sessionscope.errors.ReadOnlyRequestError` (replica requests)."""
-        """The thread that ran the latest statement (where a held session is being used)."""
         self._token: Token[StatementTally | None] | None = None
 
     def activate(self) -> None:
@@ -85,11 +85,17 @@ def detached() -> Iterator[None]:
 
 
 def install(engine: Engine) -> None:
-    """Listen for statements on ``engine``; idempotent."""
+    """Count and check the statements run on ``engine``; idempotent.
+
+    The listeners are dialect-level (``do_execute`` and its siblings), each running the
+    dialect's own call: a connection-level listener such as ``before_cursor_execute`` would
+    make SQLAlchemy build an event dispatcher for every ``Connection``, which costs more than
+    everything else sessionscope does per request.
+    """
     for name, listener in (
-        ("before_cursor_execute", _on_statement),
-        ("after_cursor_execute", _on_statement_done),
-        ("handle_error", _on_error),
+        ("do_execute", _do_execute),
+        ("do_executemany", _do_executemany),
+        ("do_execute_no_params", _do_execute_no_params),
     ):
         if not event.contains(engine, name, listener):
             event.listen(engine, name, listener)
@@ -117,21 +123,54 @@ def _owner() -> object:
     return task if task is not None else get_ident()
 
 
-def _on_statement(
-    conn: Connection,
-    cursor: Any,
-    statement: str,
-    parameters: Any,
-    context: Any,
-    executemany: bool,
-) -> None:
-    tally = _tally_for(conn)
+def _do_execute(cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
+    conn = context.root_connection
+    tally = _began(conn, statement, context)
     if tally is None:
-        return
+        return False  # not a request's statement: the dialect runs it as usual
+    try:
+        context.dialect.do_execute(cursor, statement, parameters, context)
+    finally:
+        _ended(tally, conn)
+    return True  # executed here: SQLAlchemy must not run it again
+
+
+def _do_executemany(cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
+    conn = context.root_connection
+    tally = _began(conn, statement, context)
+    if tally is None:
+        return False
+    try:
+        context.dialect.do_executemany(cursor, statement, parameters, context)
+    finally:
+        _ended(tally, conn)
+    return True
+
+
+def _do_execute_no_params(cursor: Any, statement: str, context: Any) -> bool:
+    conn = context.root_connection
+    tally = _began(conn, statement, context)
+    if tally is None:
+        return False
+    try:
+        context.dialect.do_execute_no_params(cursor, statement, context)
+    finally:
+        _ended(tally, conn)
+    return True
+
+
+def _began(conn: Connection, statement: str, context: Any) -> StatementTally | None:
+    """Count a statement of the current request (``None`` outside requests); raise for a
+    second task on the same connection or for a write on the read replica."""
+    # The dialect's own set-up queries on an engine's first connection run on a connection
+    # that may not autobegin; they are not the request's statements.
+    tally = _tally_for(conn) if conn._allow_autobegin else None
+    if tally is None:
+        return None
     owner = _owner()
     if tally.busy_connection is conn and tally.busy_owner != owner:
+        # Another task is running a statement on this connection: leave it marked busy.
         raise ConcurrentSessionUseError(CONCURRENT_USE_MESSAGE)
-    tally.busy_connection, tally.busy_owner = conn, owner
     tally.statements += 1
     tally.thread = get_ident()
     if tally.read_only and _is_write(statement, context):
@@ -142,27 +181,12 @@ def _on_statement(
         )
     if tally.late and _is_write(statement, context):
         tally.late_writes += 1
+    tally.busy_connection, tally.busy_owner = conn, owner
+    return tally
 
 
-def _on_statement_done(
-    conn: Connection,
-    cursor: Any,
-    statement: str,
-    parameters: Any,
-    context: Any,
-    executemany: bool,
-) -> None:
-    tally = _tally_for(conn)
-    if tally is not None and tally.busy_connection is conn:
-        tally.busy_connection = None
-
-
-def _on_error(context: Any) -> None:
-    if isinstance(context.original_exception, ConcurrentSessionUseError):
-        return  # raised for a second task: the first one is still running its statement
-    conn = context.connection
-    tally = None if conn is None else _tally_for(conn)
-    if tally is not None and tally.busy_connection is conn:
+def _ended(tally: StatementTally, conn: Connection) -> None:
+    if tally.busy_connection is conn:
         tally.busy_connection = None
 
 
