@@ -211,6 +211,36 @@ TAGS = [
 ]
 
 
+def _document_the_metrics_mount(app: FastAPI) -> None:
+    """FastAPI leaves mounted apps out of its OpenAPI schema: add the exposition by hand."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = FastAPI.openapi(app)  # builds the schema and keeps it in app.openapi_schema
+        schema["paths"]["/metrics/"] = {
+            "get": {
+                "tags": ["ops"],
+                "summary": "Prometheus exposition of the session, leak and pool metrics",
+                "description": "The `prometheus_client` ASGI app with this app's registry, "
+                "mounted at `/metrics` (`/metrics` redirects here; scrape with "
+                "`metrics_path: /metrics/`). Excluded from the middleware: a scrape opens "
+                "no session.",
+                "operationId": "metrics",
+                "responses": {
+                    "200": {
+                        "description": "The metrics in the Prometheus text format (or "
+                        "OpenMetrics when the scraper asks for it).",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    }
+                },
+            }
+        }
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """A demo app with its own engine and metrics registry; tables are created at startup."""
     settings = settings or Settings()
@@ -253,6 +283,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         **settings.extra,
     )
     app.mount("/metrics", make_asgi_app(registry=registry))
+    _document_the_metrics_mount(app)
 
     # -- commit ----------------------------------------------------------------------------
 

@@ -231,14 +231,34 @@ async def run_load(
             outer.cancel_scope.cancel()
     elapsed = time.perf_counter() - start
     if config.progress:
-        _draw(out, elapsed, config.duration, per)
+        _draw(out, elapsed, config.duration, per, finished=True)
         out.write("\n")
     return Summary(elapsed, per)
 
 
-def _draw(out: TextIO, elapsed: float, duration: float, per: dict[str, Stats]) -> None:
+async def run_and_report(
+    config: Config,
+    out: TextIO | None = None,
+    progress_out: TextIO | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> Summary:
+    """What ``make load`` does: the load, with its progress bar on ``progress_out`` (default
+    stderr) when ``config.progress``, then the summary table on ``out`` (default stdout)."""
+    progress_out = sys.stderr if progress_out is None else progress_out
+    out = sys.stdout if out is None else out
+    summary = await run_load(config, progress_out, transport)
+    out.write(format_summary(summary) + "\n")
+    out.flush()
+    return summary
+
+
+def _draw(
+    out: TextIO, elapsed: float, duration: float, per: dict[str, Stats], finished: bool = False
+) -> None:
+    """Redraw the bar; once ``finished`` it is full (the last request may end a little before
+    the deadline, when the next one would have been due after it)."""
     width = 30
-    done = min(1.0, elapsed / duration) if duration > 0 else 1.0
+    done = 1.0 if finished or duration <= 0 else min(1.0, elapsed / duration)
     filled = int(done * width)
     total = sum(s.count for s in per.values())
     bad = sum(s.unexpected + sum(s.errors.values()) for s in per.values())
@@ -352,11 +372,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{s.name:16} {s.weight:3}  {s.method:4} {s.path:32} {s.purpose}")
         return 0
     try:
-        summary = anyio.run(run_load, config)
+        summary = anyio.run(run_and_report, config)
     except httpx.HTTPError as exc:
         print(f"cannot reach the demo app at {config.url}: {exc}", file=sys.stderr)
         return 2
-    print(format_summary(summary))
     return 0 if summary.ok else 1
 
 

@@ -8,55 +8,12 @@ traffic. ``DATABASE_URL`` switches the database (default ``sqlite:///demo.db``; 
 
 from __future__ import annotations
 
-import logging
 import os
-import sys
-
-import structlog
-import structlog.tracebacks
 
 from .app import Settings, create_app
+from .logs import configure_logging
 
-
-def configure_logging(level: str = "INFO") -> None:
-    """One JSON object per line on stdout, for structlog events and stdlib logging alike."""
-    shared: list[structlog.types.Processor] = [
-        structlog.contextvars.merge_contextvars,
-        structlog.stdlib.add_logger_name,
-        structlog.stdlib.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
-    ]
-    structlog.configure(
-        processors=[
-            *shared,
-            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
-        ],
-        logger_factory=structlog.stdlib.LoggerFactory(),
-        wrapper_class=structlog.stdlib.BoundLogger,
-        cache_logger_on_first_use=True,
-    )
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(
-        structlog.stdlib.ProcessorFormatter(
-            foreign_pre_chain=shared,
-            processors=[
-                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-                structlog.processors.ExceptionRenderer(
-                    structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
-                ),
-                structlog.processors.JSONRenderer(),
-            ],
-        )
-    )
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    # uvicorn's own loggers go through the same JSON handler.
-    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
-        logger = logging.getLogger(name)
-        logger.handlers[:] = []
-        logger.propagate = True
-
+__all__ = ["app", "configure_logging"]
 
 configure_logging(os.environ.get("DEMO_LOG_LEVEL", "INFO"))
 app = create_app(Settings.from_env())

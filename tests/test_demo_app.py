@@ -7,7 +7,16 @@ separate engine.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import io
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,14 +24,21 @@ import anyio
 import httpx
 import pytest
 import sqlalchemy as sa
+import structlog
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
 from prometheus_client import CollectorRegistry
+from starlette.routing import Mount
 from structlog.testing import capture_logs
 
+import demo_app.app
 from demo_app import load
 from demo_app.app import Base, Settings, create_app
+from demo_app.logs import UVICORN_LOGGERS, configure_logging
 
 from .support import driver_url, postgres_url
+
+ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.anyio
 
@@ -211,8 +227,19 @@ async def test_the_metrics_endpoint_exports_the_session_metrics(demo: Demo) -> N
 async def test_the_openapi_page_documents_the_purpose_of_every_route(demo: Demo) -> None:
     spec = (await demo.client.get("/openapi.json")).json()
     operations = [op for path in spec["paths"].values() for op in path.values()]
-    assert len(operations) == 15
+    assert len(operations) == 16
     assert all(op.get("summary") and op.get("tags") for op in operations)
+    # Everything the app serves is on the page, mounted apps included (FastAPI leaves those
+    # out by itself); a mount is documented at the path it answers, with its trailing slash.
+    served = {r.path for r in demo.app.routes if isinstance(r, APIRoute) and r.include_in_schema}
+    served |= {f"{r.path}/" for r in demo.app.routes if isinstance(r, Mount)}
+    assert served == set(spec["paths"])
+    metrics = spec["paths"]["/metrics/"]["get"]
+    assert metrics["tags"] == ["ops"]
+    assert "Prometheus" in metrics["summary"]
+    scraped = await demo.client.get("/metrics/")
+    assert scraped.status_code == 200
+    assert "db_sessions_open" in scraped.text
 
 
 async def test_the_load_generator_runs_its_mix_and_gets_only_expected_statuses(
@@ -229,7 +256,130 @@ async def test_the_load_generator_runs_its_mix_and_gets_only_expected_statuses(
     assert "p95 ms" in table
 
 
+BAR = re.compile(
+    r"\[(?P<bar>[#.]{30})\] +\d+\.\d/1s +(?P<requests>\d+) requests +\d+\.\d/s +0 unexpected"
+)
+
+
+@pytest.mark.parametrize("demo", ["sqlite"], indirect=True)
+async def test_the_load_generator_draws_a_progress_bar_then_prints_the_summary_table(
+    demo: Demo,
+) -> None:
+    out = io.StringIO()
+    config = load.Config(duration=1.0, rate=40, concurrency=2, seed=2, progress=True)
+    config.mix = {"read": 3, "no_db": 1}
+    summary = await load.run_and_report(config, out=out, progress_out=out, transport=demo.transport)
+    bars, _, table = out.getvalue().rpartition("\n")[0].partition("\n")
+    frames = bars.split("\r")
+    assert frames[0] == ""  # each frame redraws the line from its start
+    matches = [BAR.fullmatch(frame) for frame in frames[1:]]
+    assert len(matches) >= 3, frames  # drawn every 0.25 s over 1 s, and once at the end
+    assert all(matches), frames
+    counts = [int(m["requests"]) for m in matches if m]
+    assert counts == sorted(counts)
+    last = matches[-1]
+    assert last is not None
+    assert last["bar"] == "#" * 30
+    assert int(last["requests"]) == summary.total.count > 0
+    lines = table.splitlines()
+    assert lines[0].split() == ["scenario", "requests", "statuses", "errors", "p50", "ms",
+                                "p95", "ms", "max", "ms"]  # fmt: skip
+    rows = {line.split()[0]: line.split() for line in lines[2:-1] if not line.startswith("-")}
+    assert set(rows) == {"read", "no_db", "TOTAL"}
+    assert rows["read"][2] == f"200:{summary.per_scenario['read'].count}"
+    assert rows["TOTAL"][1] == str(summary.total.count)
+    assert re.fullmatch(r"\d+ requests in \d+\.\d s \(\d+\.\d/s\)", lines[-1])
+
+
 def test_the_load_generator_refuses_an_unknown_scenario_in_its_mix() -> None:
     assert load.parse_mix("create=2, slow") == {"create": 2, "slow": 1}
     with pytest.raises(Exception, match="unknown scenario 'nope'"):
         load.parse_mix("nope=1")
+
+
+# -- logs ------------------------------------------------------------------------------------
+
+
+@contextmanager
+def demo_logging(level: str = "INFO") -> Iterator[None]:
+    """The demo's ``configure_logging``, undone afterwards: structlog's defaults and the
+    stdlib loggers (including the handlers pytest put on the root logger) are restored."""
+    root = logging.getLogger()
+    saved_root = root.handlers[:], root.level
+    saved = {n: (logging.getLogger(n).handlers[:], logging.getLogger(n).propagate)
+             for n in UVICORN_LOGGERS}  # fmt: skip
+    configure_logging(level)
+    try:
+        yield
+    finally:
+        structlog.reset_defaults()
+        root.handlers[:], level = saved_root
+        root.setLevel(level)
+        for name, (handlers, propagate) in saved.items():
+            logging.getLogger(name).handlers[:] = handlers
+            logging.getLogger(name).propagate = propagate
+
+
+async def test_the_demo_logs_structlog_events_and_stdlib_records_as_one_json_object_per_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The demo's module-level logger is a lazy proxy that would keep the JSON configuration
+    # once used (cache_logger_on_first_use): this test uses a fresh one, dropped afterwards.
+    monkeypatch.setattr(demo_app.app, "log", structlog.get_logger("demo_app"))
+    app = create_app(Settings(database_url=f"sqlite:///{tmp_path / 'demo.db'}"))
+    transport = httpx.ASGITransport(app=app)
+    with demo_logging():
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(transport=transport, base_url="http://demo") as client,
+        ):
+            assert (await client.post("/items", json={"name": "teapot"})).status_code == 201
+            assert (await client.post("/items", json={"name": "teapot"})).status_code == 409
+        logging.getLogger("uvicorn.error").warning("a stdlib record")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines
+    events = [json.loads(line) for line in lines]  # every line is one JSON object
+    assert all(isinstance(e["event"], str) and e["level"] and e["timestamp"] for e in events)
+    assert [e["level"] for e in events if e["event"] == "demo.started"] == ["info"]
+    closed = [e for e in events if e["event"] == "db_session.closed"]
+    assert [(e["route"], e["status"], e["outcome"]) for e in closed] == [
+        ("/items", 201, "commit"),
+        ("/items", 409, "rollback"),
+    ]
+    assert {"event": "a stdlib record", "level": "warning", "logger": "uvicorn.error"}.items() <= (
+        events[-1].items()
+    )
+
+
+def test_the_app_make_demo_serves_logs_json_from_the_moment_it_is_imported(
+    tmp_path: Path,
+) -> None:
+    script = textwrap.dedent(
+        """
+        import logging
+
+        import structlog
+
+        from demo_app.main import app
+
+        structlog.get_logger("check").info("check.structlog", answer=42)
+        logging.getLogger("uvicorn.access").info("check.stdlib")
+        """
+    )
+    env = {**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path / 'demo.db'}"}
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    events = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [(e["event"], e["level"], e["logger"]) for e in events] == [
+        ("check.structlog", "info", "check"),
+        ("check.stdlib", "info", "uvicorn.access"),
+    ]
+    assert events[0]["answer"] == 42

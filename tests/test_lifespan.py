@@ -2,28 +2,37 @@
 
 The ASGI lifespan protocol is driven by a small harness (and once by Starlette's TestClient);
 unreachable servers are a port on 127.0.0.1 that nobody listens on, and a listener that never
-answers.
+answers. On the live PostgreSQL server (SESSIONSCOPE_TEST_POSTGRES_URL), a wrong database name
+and a wrong user are refused at startup, in process and by a real uvicorn.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import re
 import socket
+import subprocess
+import sys
+import time
 import traceback
 import warnings
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 import sqlalchemy as sa
 from sqlalchemy import event
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
+from structlog.testing import capture_logs
 
 from sessionscope import ConfigurationError, DBSessionMiddleware
 from sessionscope.lifespan import (
@@ -33,7 +42,7 @@ from sessionscope.lifespan import (
     dispose_engines,
 )
 
-from .support import Backend, http_scope, request
+from .support import Backend, driver_url, http_scope, postgres_url, request
 
 pytestmark = pytest.mark.anyio
 
@@ -154,6 +163,113 @@ async def test_startup_fails_naming_the_database_host_and_name_but_never_the_pas
         assert f"127.0.0.1:{port}" in run.sent[0]["message"]
     finally:
         await dispose(engine)
+
+
+WRONG_DATABASE = "ss_no_such_database"
+WRONG_USER = "ss_no_such_user"
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("kind", ["sync", "async"])
+@pytest.mark.parametrize(
+    ("wrong", "problem"),
+    [
+        ("database", f'database "{WRONG_DATABASE}" does not exist'),
+        # Depending on the server's pg_hba.conf: no such role, or it cannot log in.
+        (
+            "user",
+            f'(role "{WRONG_USER}" does not exist'
+            f'|password authentication failed for user "{WRONG_USER}")',
+        ),
+    ],
+    ids=["wrong-database", "wrong-user"],
+)
+async def test_a_wrong_database_or_user_on_a_live_server_fails_startup_fast_and_says_why(
+    kind: str,
+    wrong: str,
+    problem: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    base = postgres_url()
+    assert base is not None
+    url = make_url(driver_url(base, async_=kind == "async"))
+    if wrong == "database":
+        url = url.set(database=WRONG_DATABASE, password=PASSWORD)
+    else:
+        url = url.set(username=WRONG_USER, password=PASSWORD)
+    rendered = url.render_as_string(hide_password=False)
+    assert PASSWORD in rendered
+    engine = create_async_engine(rendered) if kind == "async" else sa.create_engine(rendered)
+    caplog.set_level(logging.DEBUG)
+    try:
+        run = LifespanRun(ok_app(database_lifespan(engine)))
+        started = time.monotonic()
+        with capture_logs() as events:
+            async with run.running():
+                pass
+        assert time.monotonic() - started < 5  # at once, not after the 10 s check timeout
+        assert run.types == ["lifespan.startup.failed"]
+        assert isinstance(run.error, DatabaseUnavailableError)
+        message = str(run.error)
+        assert f"{url.drivername} database '{url.database}' at {url.host}" in message
+        assert f"(user '{url.username}')" in message
+        assert re.search(problem, message), message
+        everything = [
+            message,
+            run.sent[0]["message"],
+            *traceback.format_exception(run.error),
+            caplog.text,
+            *(repr(event) for event in events),
+        ]
+        assert not [text for text in everything if PASSWORD in text]
+    finally:
+        await dispose(engine)
+
+
+UVICORN_APP = """
+import os
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import create_async_engine
+from starlette.applications import Starlette
+
+from sessionscope.lifespan import database_lifespan
+
+URL = os.environ["APP_DATABASE_URL"]
+engine = create_async_engine(URL) if "+asyncpg" in URL else sa.create_engine(URL)
+app = Starlette(lifespan=database_lifespan(engine))
+"""
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize(
+    ("kind", "wrong"), [("sync", "database"), ("async", "user")], ids=["sync-db", "async-user"]
+)
+def test_uvicorn_refuses_to_start_and_its_logs_name_the_problem_but_not_the_password(
+    kind: str, wrong: str, tmp_path: Path
+) -> None:
+    base = postgres_url()
+    assert base is not None
+    url = make_url(driver_url(base, async_=kind == "async"))
+    if wrong == "database":
+        url = url.set(database=WRONG_DATABASE, password=PASSWORD)
+        problem = f'database "{WRONG_DATABASE}" does not exist'
+    else:
+        url = url.set(username=WRONG_USER, password=PASSWORD)
+        problem = f'"{WRONG_USER}"'
+    (tmp_path / "app.py").write_text(UVICORN_APP)
+    env = {**os.environ, "APP_DATABASE_URL": url.render_as_string(hide_password=False)}
+    command = [sys.executable, "-m", "uvicorn", "app:app", "--app-dir", str(tmp_path),
+               "--host", "127.0.0.1", "--port", "0", "--lifespan", "on"]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60, check=False)
+    logs = done.stdout + done.stderr
+    assert done.returncode == 3, logs  # uvicorn's exit status for a failed startup
+    assert "Application startup failed" in logs
+    assert "DatabaseUnavailableError" in logs
+    assert f"database '{url.database}'" in logs
+    assert f"(user '{url.username}')" in logs
+    assert problem in logs
+    assert PASSWORD not in logs
 
 
 @pytest.mark.parametrize("kind", ["sync", "async"])

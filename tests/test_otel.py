@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
+import sys
 from typing import Any
 
+import opentelemetry.trace
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -12,6 +15,7 @@ from opentelemetry.trace import StatusCode
 from prometheus_client import CollectorRegistry
 
 from sessionscope import DBSessionMiddleware
+from sessionscope.otel import SessionSpans
 
 from .support import Backend, children, request
 
@@ -91,3 +95,56 @@ async def test_without_a_configured_tracer_provider_no_spans_are_made(backend: B
         lambda *a: None, engine=backend.engine, registry=CollectorRegistry()
     )
     assert middleware.settings.reporter.spans is None
+
+
+async def test_the_global_tracer_provider_is_used_when_none_is_passed(
+    backend: Backend,
+    traced: tuple[TracerProvider, InMemorySpanExporter],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    provider, exporter = traced
+    # The real global can be set once per process only: what get_tracer_provider() returns
+    # after opentelemetry.trace.set_tracer_provider(provider), for this test alone.
+    monkeypatch.setattr(opentelemetry.trace, "get_tracer_provider", lambda: provider)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await backend.insert(scope["state"]["db"], "traced")
+        await send({"type": "http.response.start", "status": 201})
+        await send({"type": "http.response.body"})
+
+    middleware = DBSessionMiddleware(app, engine=backend.engine, registry=CollectorRegistry())
+    assert middleware.settings.reporter.spans is not None
+    assert (await request(middleware)).status == 201
+    (span,) = exporter.get_finished_spans()
+    assert span.name == "db.session"
+    assert span.attributes is not None
+    assert span.attributes["db.session.outcome"] == "commit"
+    assert span.attributes["db.session.statements"] == 1
+
+
+async def test_without_the_opentelemetry_package_there_are_no_spans_and_requests_work(
+    backend: Backend,
+    traced: tuple[TracerProvider, InMemorySpanExporter],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    provider, exporter = traced
+    # As if the otel extra were not installed: importing opentelemetry raises ImportError.
+    for name in [m for m in sys.modules if m == "opentelemetry" or m.startswith("opentelemetry.")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(ImportError):
+        importlib.import_module("opentelemetry.trace")
+    assert SessionSpans.create() is None
+    assert SessionSpans.create(provider) is None
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await backend.insert(scope["state"]["db"], "untraced")
+        await send({"type": "http.response.start", "status": 201})
+        await send({"type": "http.response.body"})
+
+    middleware = DBSessionMiddleware(
+        app, engine=backend.engine, registry=CollectorRegistry(), tracer_provider=provider
+    )
+    assert middleware.settings.reporter.spans is None
+    assert (await request(middleware)).status == 201
+    assert backend.names() == ["untraced"]
+    assert exporter.get_finished_spans() == ()

@@ -323,12 +323,65 @@ def test_fixtures_that_need_the_users_engine_explain_how_to_provide_it(
 
 def test_the_plugin_is_registered_as_the_pytest11_entry_point_sessionscope() -> None:
     found = [ep for ep in entry_points(group="pytest11") if ep.value == "sessionscope.testing"]
-    if not found:
-        pytest.skip(
-            "the pytest11 entry point is not installed yet: add it to pyproject.toml and "
-            "reinstall the package (pip install -e .)"
-        )
-    assert [ep.name for ep in found] == ["sessionscope"]
+    assert [ep.name for ep in found] == ["sessionscope"], (
+        "the pytest11 entry point is not installed: it is declared in pyproject.toml; "
+        "reinstall the package (pip install -e .)"
+    )
+
+
+AUTOLOADED_TESTS = """
+import sqlalchemy as sa
+import pytest
+from prometheus_client import CollectorRegistry
+
+import sessionscope.testing
+
+metadata = sa.MetaData()
+items = sa.Table("items", metadata, sa.Column("name", sa.String(50), primary_key=True))
+
+
+@pytest.fixture(scope="module")
+def sessionscope_engine(tmp_path_factory):
+    engine = sa.create_engine(f"sqlite:///{tmp_path_factory.mktemp('db') / 'app.db'}")
+    metadata.create_all(engine)
+    yield engine
+    engine.dispose()
+
+
+def test_the_plugin_was_loaded_by_its_entry_point(pytestconfig):
+    assert pytestconfig.pluginmanager.get_plugin("sessionscope") is sessionscope.testing
+
+
+def test_a_commit_in_the_tests_transaction_is_seen_inside_it(sessionscope_session):
+    sessionscope_session.execute(items.insert().values(name="a"))
+    sessionscope_session.commit()
+    assert sessionscope_session.scalars(sa.select(items.c.name)).all() == ["a"]
+
+
+def test_the_previous_tests_commit_was_rolled_back(sessionscope_session, sessionscope_engine):
+    assert sessionscope_session.scalars(sa.select(items.c.name)).all() == []
+    with sessionscope_engine.connect() as conn:
+        assert conn.scalars(sa.select(items.c.name)).all() == []
+
+
+def test_the_registry_fixture_is_a_fresh_registry(sessionscope_registry):
+    assert isinstance(sessionscope_registry, CollectorRegistry)
+    assert list(sessionscope_registry.collect()) == []
+"""
+
+
+def test_an_installed_package_gives_its_fixtures_to_pytest_without_any_option(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No -p option, plugin autoloading on: pytest loads sessionscope.testing by itself.
+    monkeypatch.delenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", raising=False)
+    monkeypatch.delenv("PYTEST_ADDOPTS", raising=False)
+    pytester.makepyfile(test_autoloaded=AUTOLOADED_TESTS)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-v")
+    assert result.ret == 0, result.stdout.str()
+    result.assert_outcomes(passed=4)
+    fixtures = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--fixtures")
+    fixtures.stdout.fnmatch_lines(["*sessionscope_bound_app*", "*sessionscope_async_session*"])
 
 
 # -- the helpers, in process -----------------------------------------------------------------
