@@ -132,15 +132,22 @@ async def test_malformed_or_oversized_request_ids_are_replaced_and_never_logged(
 ) -> None:
     client = Client(item_app(sqlite, CollectorRegistry()))
     with capture_logs() as logs:
-        await client.call("/items/7", headers=[(b"x-request-id", raw.encode())])
+        for _ in range(2):  # the same hostile value twice
+            await client.call("/items/7", headers=[(b"x-request-id", raw.encode())])
     events = db_session_events(logs)
-    assert events, "the request logged no db_session event"
+    assert events, "the requests logged no db_session event"
     for event in events:
-        assert event["request_id"] != raw
+        # not the value cut down to a valid length ("a" * 128) or any other piece of it
+        assert event["request_id"] not in raw, event["request_id"]
         assert VALID_REQUEST_ID.fullmatch(event["request_id"]), event["request_id"]
+    # replaced by a fresh id per request, not derived from the value (a cleaned-up copy,
+    # "carriagereturn" for "carriage\rreturn", would be the same both times)
+    assert len({e["request_id"] for e in events}) == 2, events
     rendered = render_events(logs)
     if len(raw) >= 4:
         assert raw not in rendered
+    if len(raw) > 128:
+        assert raw[:128] not in rendered  # nor its longest valid-length prefix, anywhere
     for fragment in ("\n", "\r", "\x1b", "\x00"):
         assert all(fragment not in str(v) for e in events for v in e.values())
 
@@ -273,7 +280,12 @@ async def test_sql_parameters_and_the_password_never_reach_logs_metrics_or_respo
                 assert secret not in text, f"{secret!r} leaked into the {where}: " + around(
                     text, secret
                 )
-        if path != "/statement":  # the middleware's own replacement body
+        if path == "/statement":
+            # the application's own error: Starlette answers 500 and re-raises it to the server
+            assert isinstance(outcome.error, sa.exc.IntegrityError), repr(outcome.error)
+        else:
+            # failed at COMMIT: the middleware answered, nothing escaped to the server
+            assert outcome.error is None, repr(outcome.error)
             assert outcome.body == b'{"detail": "Internal Server Error"}'
         assert checkedout(engine) == 0
     finally:
