@@ -19,14 +19,17 @@ decides how each call runs.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import threading
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, Final
 
 import anyio
+import anyio.from_thread
 import anyio.lowlevel
 from sqlalchemy import event
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
@@ -40,7 +43,7 @@ from .request_context import route_template
 from .request_state import RequestState
 from .responses import error_response
 from .session_calls import SessionCalls
-from .slots import SessionSlots
+from .slots import LoopSlots, SessionSlots
 from .source import AnySession, SessionSource
 from .statements import StatementTally
 
@@ -125,19 +128,22 @@ class RequestSession(StatementTally):
     def __init__(
         self, settings: SessionSettings, scope: Scope, state: RequestState, send: Send
     ) -> None:
+        slots: SessionSlots | None
         if settings.replica is not None and scope["method"] in settings.read_only_methods:
-            self.source, self.slots = settings.replica, settings.replica_slots
+            self.source, slots = settings.replica, settings.replica_slots
             StatementTally.__init__(self, self.source.pool)
             self.read_only = True
         else:
-            self.source, self.slots = settings.source, settings.slots
+            self.source, slots = settings.source, settings.slots
             StatementTally.__init__(self, self.source.pool)
+        self.slots: LoopSlots | None = None if slots is None else slots.here()
         self.settings = settings
         self.scope = scope
         self.state = state
         self._send = send
         self.session: AnySession | None = None
-        self.slot: anyio.Semaphore | None = None
+        self.slot: LoopSlots | None = None
+        """The slots this request holds one of (sync engines with a bounded pool)."""
         self.phase = Phase.RUNNING
         self.status: int | None = None
         self.outcome: str | None = None
@@ -152,7 +158,23 @@ class RequestSession(StatementTally):
     # -- created -------------------------------------------------------------------------
 
     def open(self) -> AnySession:
-        """The request's session, created on first call (from any thread)."""
+        """The request's session, created on first call (from any thread).
+
+        First asked for in a worker thread, it is admitted to the pool's capacity there: at
+        once if a slot is free, else waiting on the event loop while the threadpool has one
+        more thread (see :mod:`sessionscope.slots`).
+        """
+        slots = self.slots
+        if self.session is None and slots is not None and self.slot is None and not self.started:
+            if slots.try_acquire():
+                self.slot = slots
+            elif not _on_event_loop():
+                try:
+                    anyio.from_thread.run(self._wait_for_slot, slots.acquire_lending_thread)
+                except RuntimeError:
+                    pass  # not an AnyIO worker thread: the pool checkout itself will wait
+                else:
+                    self.slot = slots
         with self.settings.create_lock:
             if self.session is None:
                 if self.phase is Phase.CLOSED:
@@ -169,20 +191,24 @@ class RequestSession(StatementTally):
         """The request's session, first waiting on the loop for a pool slot (sync engines)."""
         slots = self.slots
         if self.session is None and slots is not None and self.slot is None and not self.started:
-            self.slot = slots.try_acquire()
-            if self.slot is None:
-                reporter = self.settings.reporter
-                reporter.waiting(+1)
-                started = perf_counter()
-                try:
-                    self.slot = await slots.acquire()
-                except PoolTimeoutError:
-                    reporter.slot_timeout(perf_counter() - started)
-                    raise
-                finally:
-                    reporter.waiting(-1)
-                reporter.slot_waited(perf_counter() - started)
+            if not slots.try_acquire():
+                await self._wait_for_slot(slots.acquire)
+            self.slot = slots
         return self.open()
+
+    async def _wait_for_slot(self, acquire: Callable[[], Awaitable[None]]) -> None:
+        """Wait for a pool slot with ``acquire``, counted as a pending checkout."""
+        reporter = self.settings.reporter
+        reporter.waiting(+1)
+        started = perf_counter()
+        try:
+            await acquire()
+        except PoolTimeoutError:
+            reporter.slot_timeout(perf_counter() - started)
+            raise
+        finally:
+            reporter.waiting(-1)
+        reporter.slot_waited(perf_counter() - started)
 
     def _release_slot(self) -> None:
         slot, self.slot = self.slot, None
@@ -365,6 +391,14 @@ def closed_error(settings: SessionSettings, route: str, verb: str) -> SessionClo
 
 def _refuse(settings: SessionSettings, route: str) -> AnySession:
     raise closed_error(settings, route, "requested")
+
+
+def _on_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def _undecided_reason(exc: BaseException | None) -> str:

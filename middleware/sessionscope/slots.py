@@ -2,35 +2,120 @@
 
 A sync endpoint that checks out a connection blocks a worker thread while the pool is full.
 When every worker thread is blocked like that, the requests that hold the connections cannot
-get a thread to finish (FastAPI serializes a sync route's response in the threadpool), and
-everything waits for ``pool_timeout``: the threadpool/pool deadlock. So a request asking for
-its session through the dependency first takes one of ``pool_size + max_overflow`` slots,
-awaiting it on the event loop where waiting costs no thread. The slot is given back when the
-request transaction is decided (the connection is returned then) or the request ends.
+get a thread to finish (FastAPI validates a sync route's response in the threadpool), and
+everything waits for ``pool_timeout``: the threadpool/pool deadlock. So a request session of a
+sync engine first takes one of ``pool_size + max_overflow`` slots, and never waits for one
+while holding a thread of the threadpool:
+
+* asked for on the event loop (the ``DBSession`` dependency), it waits there, where waiting
+  costs no thread;
+* first asked for in a worker thread (``request.state.db`` in a ``def`` route), it takes a free
+  slot at once, or else hands its thread's place in the threadpool back for as long as it
+  waits, so that the requests holding connections can still get a thread to finish.
+
+The slot is given back when the request transaction is decided (the connection is returned
+then) or the request ends. Waiters are served first come, first served.
 """
 
 from __future__ import annotations
 
-from typing import Final
+import threading
+from collections import deque
 
 import anyio
+import anyio.to_thread
 from anyio.lowlevel import RunVar
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.pool import QueuePool
 
-DEFAULT_TIMEOUT: Final = 30.0
+
+class LoopSlots:
+    """The slots of one engine on one event loop.
+
+    ``try_acquire`` may be called from any thread; waiting and releasing happen on the loop.
+    """
+
+    __slots__ = ("_capacity", "_in_use", "_lock", "_timeout", "_waiters")
+
+    def __init__(self, capacity: int, timeout: float) -> None:
+        self._capacity = capacity
+        self._timeout = timeout
+        self._lock = threading.Lock()
+        self._in_use = 0
+        self._waiters: deque[anyio.Event] = deque()
+
+    def try_acquire(self) -> bool:
+        """Take a slot if one is free right now (no waiting); from any thread."""
+        with self._lock:
+            if self._in_use < self._capacity:
+                self._in_use += 1
+                return True
+            return False
+
+    async def acquire(self) -> None:
+        """Wait on the loop for a slot, up to the pool timeout (then ``PoolTimeoutError``)."""
+        if self.try_acquire():
+            return
+        waiter = anyio.Event()
+        with self._lock:
+            self._waiters.append(waiter)
+        try:
+            with anyio.move_on_after(self._timeout):
+                await waiter.wait()
+        except BaseException:
+            self._abandon(waiter)
+            raise
+        if waiter.is_set():
+            return  # a releasing request handed its slot over
+        self._abandon(waiter)
+        raise PoolTimeoutError(
+            f"all {self._capacity} connections of the pool are held by other requests; "
+            f"waited {self._timeout:g} s for one (raise pool_size/max_overflow or "
+            "find what holds them)"
+        )
+
+    async def acquire_lending_thread(self) -> None:
+        """:meth:`acquire` for a worker thread blocked on it: the threadpool gets one more
+        thread for as long as this one waits, so the thread it holds is not missed."""
+        limiter = anyio.to_thread.current_default_thread_limiter()
+        limiter.total_tokens += 1
+        try:
+            await self.acquire()
+        finally:
+            limiter.total_tokens -= 1
+
+    def release(self) -> None:
+        """Give a slot back: to the longest waiter if there is one. On the event loop."""
+        with self._lock:
+            while self._waiters:
+                waiter = self._waiters.popleft()
+                if not waiter.is_set():
+                    waiter.set()  # the slot changes hands; in_use stays as it is
+                    return
+            self._in_use -= 1
+
+    def _abandon(self, waiter: anyio.Event) -> None:
+        """A waiter leaves (timeout, cancellation); a slot handed to it goes back."""
+        with self._lock:
+            try:
+                self._waiters.remove(waiter)
+            except ValueError:  # already handed a slot
+                pass
+            else:
+                return
+        self.release()
 
 
 class SessionSlots:
     """At most ``capacity`` request sessions of one engine at a time, per event loop."""
 
-    __slots__ = ("_semaphore", "capacity", "timeout")
+    __slots__ = ("_here", "capacity", "timeout")
 
     def __init__(self, capacity: int, timeout: float, name: str) -> None:
         self.capacity = capacity
         self.timeout = timeout
-        self._semaphore: RunVar[anyio.Semaphore] = RunVar(f"sessionscope_slots_{name}")
+        self._here: RunVar[LoopSlots] = RunVar(f"sessionscope_slots_{name}")
 
     @classmethod
     def for_engine(cls, engine: Engine, name: str) -> SessionSlots | None:
@@ -43,32 +128,11 @@ class SessionSlots:
             return None
         return cls(pool.size() + overflow, float(pool.timeout()), name)
 
-    def _semaphore_here(self) -> anyio.Semaphore:
+    def here(self) -> LoopSlots:
+        """The slots of the running event loop (call on the loop)."""
         try:
-            return self._semaphore.get()
+            return self._here.get()
         except LookupError:
-            semaphore = anyio.Semaphore(self.capacity)
-            self._semaphore.set(semaphore)
-            return semaphore
-
-    def try_acquire(self) -> anyio.Semaphore | None:
-        """A slot if one is free right now (no waiting, no loop round-trip), else ``None``."""
-        semaphore = self._semaphore_here()
-        if semaphore.value > 0:
-            semaphore.acquire_nowait()
-            return semaphore
-        return None
-
-    async def acquire(self) -> anyio.Semaphore:
-        """Wait for a slot (up to the pool timeout); the semaphore to release it on."""
-        semaphore = self._semaphore_here()
-        try:
-            with anyio.fail_after(self.timeout):
-                await semaphore.acquire()
-        except TimeoutError:
-            raise PoolTimeoutError(
-                f"all {self.capacity} connections of the pool are held by other requests; "
-                f"waited {self.timeout:g} s for one (raise pool_size/max_overflow or "
-                "find what holds them)"
-            ) from None
-        return semaphore
+            slots = LoopSlots(self.capacity, self.timeout)
+            self._here.set(slots)
+            return slots

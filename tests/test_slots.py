@@ -1,0 +1,92 @@
+"""Pool-capacity slots: first come first served, timeouts and cancellations give nothing away."""
+
+from __future__ import annotations
+
+import anyio
+import anyio.to_thread
+import pytest
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+
+from sessionscope.slots import LoopSlots
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_waiters_get_released_slots_in_the_order_they_asked() -> None:
+    slots = LoopSlots(capacity=1, timeout=5)
+    assert slots.try_acquire()
+    served: list[int] = []
+
+    async def wait(n: int) -> None:
+        await slots.acquire()
+        served.append(n)
+
+    async with anyio.create_task_group() as tg:
+        for n in range(3):
+            tg.start_soon(wait, n)
+            await anyio.wait_all_tasks_blocked()
+        for _ in range(3):
+            slots.release()
+            await anyio.wait_all_tasks_blocked()
+    assert served == [0, 1, 2]
+    assert not slots.try_acquire()  # the last waiter still holds the only slot
+    slots.release()
+    assert slots.try_acquire()
+
+
+async def test_a_waiter_that_times_out_gets_pool_timeout_error_and_takes_no_slot() -> None:
+    slots = LoopSlots(capacity=1, timeout=0.05)
+    assert slots.try_acquire()
+    with pytest.raises(PoolTimeoutError, match="all 1 connections of the pool are held"):
+        await slots.acquire()
+    slots.release()
+    assert slots.try_acquire()  # the slot is free again: the timed-out waiter holds nothing
+
+
+async def test_a_cancelled_waiter_passes_a_slot_handed_to_it_on() -> None:
+    slots = LoopSlots(capacity=1, timeout=5)
+    assert slots.try_acquire()
+    got: list[str] = []
+    scopes: dict[str, anyio.CancelScope] = {}
+
+    async def wait(name: str) -> None:
+        with anyio.CancelScope() as scopes[name]:
+            await slots.acquire()
+            got.append(name)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(wait, "cancelled")
+        await anyio.wait_all_tasks_blocked()
+        tg.start_soon(wait, "second")
+        await anyio.wait_all_tasks_blocked()
+        scopes["cancelled"].cancel()
+        slots.release()  # handed to the first waiter just as it is being cancelled
+        await anyio.wait_all_tasks_blocked()
+        scopes["second"].cancel()
+    assert got == ["second"]  # the cancelled waiter passed the slot on
+    slots.release()
+    assert slots.try_acquire()
+    assert not slots.try_acquire()  # exactly one slot exists: none was lost or duplicated
+
+
+async def test_a_worker_thread_waiting_for_a_slot_lends_its_threadpool_place() -> None:
+    slots = LoopSlots(capacity=1, timeout=5)
+    assert slots.try_acquire()
+    limiter = anyio.to_thread.current_default_thread_limiter()
+    before = limiter.total_tokens
+    seen: list[float] = []
+
+    def in_thread() -> None:
+        import anyio.from_thread
+
+        anyio.from_thread.run(slots.acquire_lending_thread)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(anyio.to_thread.run_sync, in_thread)
+        with anyio.fail_after(5):
+            while not slots._waiters:  # noqa: ASYNC110 (waiting for a thread, not a task)
+                await anyio.sleep(0.001)
+        seen.append(limiter.total_tokens)
+        slots.release()
+    assert seen == [before + 1]
+    assert limiter.total_tokens == before
