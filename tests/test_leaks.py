@@ -15,7 +15,7 @@ from sessionscope import DBSessionMiddleware
 from sessionscope.fastapi import AsyncDBSession, DBSession
 
 from .metric_support import value
-from .support import Backend
+from .support import Backend, request
 
 pytestmark = pytest.mark.anyio
 
@@ -128,3 +128,56 @@ async def test_leak_detection_can_be_turned_off(backend: Backend) -> None:
     )
     assert mw.settings.reporter.leaks is None
     assert value(registry, "db_leak_threshold_seconds") == 0
+
+
+async def test_a_sweep_that_raises_is_logged_and_later_leaks_are_still_detected(
+    backend: Backend,
+) -> None:
+    registry = CollectorRegistry()
+    release = anyio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await backend.count(scope["state"]["db"])  # holds a connection from here on
+        if scope["path"] == "/leak":
+            await release.wait()
+        await send({"type": "http.response.start", "status": 200})
+        await send({"type": "http.response.body"})
+
+    mw = DBSessionMiddleware(
+        app, engine=backend.engine, registry=registry, leak_threshold=THRESHOLD
+    )
+    leaks = mw.settings.reporter.leaks
+    assert leaks is not None
+    report_sweep = leaks.on_sweep
+    sweeps: list[int] = []
+
+    def fails_once(over_threshold: int, oldest_age: float) -> None:
+        sweeps.append(over_threshold)
+        if len(sweeps) == 1:
+            raise RuntimeError("gauge backend unavailable")
+        report_sweep(over_threshold, oldest_age)
+
+    leaks.on_sweep = fails_once
+    with capture_logs() as logs:
+        assert (await request(mw, "/quick")).status == 200  # starts the sweep thread
+        await wait_until(lambda: any(e["event"] == "db_session.sweep_failed" for e in logs))
+        failed_after = len(sweeps)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(request, mw, "/leak")  # held past the threshold after the failure
+            await wait_until(lambda: value(registry, "db_sessions_leak_suspected") == 1)
+            assert value(registry, "db_session_oldest_age_seconds") >= THRESHOLD
+            release.set()
+        await wait_until(lambda: value(registry, "db_sessions_leak_suspected") == 0)
+
+    (failed,) = [e for e in logs if e["event"] == "db_session.sweep_failed"]
+    assert failed["log_level"] == "error"
+    assert failed["error_type"] == "RuntimeError"
+    assert isinstance(failed["exc_info"], RuntimeError)
+    events = [e["event"] for e in logs]
+    assert events.index("db_session.sweep_failed") < events.index("db_session.leak_suspected")
+    (suspected,) = [e for e in logs if e["event"] == "db_session.leak_suspected"]
+    assert suspected["age_s"] >= THRESHOLD
+    assert suspected["holds_connection"] is True
+    assert value(registry, "db_session_leaks_detected_total", route="__unmatched__") == 1
+    assert value(registry, "db_session_leaks_resolved_total", route="__unmatched__") == 1
+    assert len(sweeps) > failed_after  # the same sweep thread kept running after the failure

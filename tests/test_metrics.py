@@ -10,13 +10,16 @@ import anyio
 import httpx
 import pytest
 from fastapi import FastAPI
+from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry, generate_latest
 
 from sessionscope import DBSessionMiddleware, session_scope
+from sessionscope.catalogue import CATALOGUE
+from sessionscope.fastapi import AsyncDBSession, DBSession
 
 from .apps import items_app
 from .metric_support import series, value
-from .support import Backend, children, request
+from .support import Backend, children, items, request
 
 pytestmark = pytest.mark.anyio
 
@@ -61,6 +64,70 @@ async def test_rollbacks_are_counted_by_reason(
     others = {"status_4xx", "status_5xx", "exception", "cancelled", "commit_error", "late_write"}
     for other in others - {reason}:
         assert value(registry, "db_session_rollbacks_total", reason=other) == 0
+
+
+def unavailable_app(backend: Backend, registry: CollectorRegistry) -> FastAPI:
+    """``POST /unavailable/{name}`` writes a row, then returns a ``503`` response itself."""
+    app = FastAPI()
+    app.add_middleware(DBSessionMiddleware, engine=backend.engine, registry=registry)
+    if backend.is_async:
+
+        @app.post("/unavailable/{name}")
+        async def unavailable_async(name: str, db: AsyncDBSession) -> JSONResponse:
+            await db.execute(items.insert().values(name=name))
+            return JSONResponse({"error": "maintenance"}, status_code=503)
+
+    else:
+
+        @app.post("/unavailable/{name}")
+        def unavailable(name: str, db: DBSession) -> JSONResponse:
+            db.execute(items.insert().values(name=name))
+            return JSONResponse({"error": "maintenance"}, status_code=503)
+
+    return app
+
+
+async def test_a_returned_5xx_response_after_a_write_is_counted_as_a_status_5xx_rollback(
+    backend: Backend,
+) -> None:
+    registry = CollectorRegistry()
+    async with client(unavailable_app(backend, registry)) as c:
+        response = await c.post("/unavailable/e")
+    assert response.status_code == 503
+    assert response.json() == {"error": "maintenance"}  # the app's own response, not replaced
+    assert backend.names() == []  # the write was rolled back
+    assert value(registry, "db_session_rollbacks_total", reason="status_5xx") == 1
+    route = "/unavailable/{name}"
+    assert value(registry, "db_sessions_closed_total", route=route, outcome="rollback") == 1
+    assert value(registry, "db_sessions_closed_total", route=route, outcome="commit") == 0
+    assert value(registry, "db_session_duration_seconds_count", outcome="rollback") == 1
+    others = {"status_4xx", "exception", "cancelled", "commit_error", "late_write"}
+    for other in others:
+        assert value(registry, "db_session_rollbacks_total", reason=other) == 0
+
+
+async def test_the_namespace_option_prefixes_every_exported_metric(backend: Backend) -> None:
+    registry = CollectorRegistry()
+    async with client(items_app(backend, registry=registry, namespace="shop")) as c:
+        assert (await c.post("/items/a")).status_code == 201
+        assert (await c.post("/conflict/b")).status_code == 409
+    route = "/items/{name}"
+    assert value(registry, "shop_sessions_closed_total", route=route, outcome="commit") == 1
+    assert value(registry, "shop_session_rollbacks_total", reason="status_4xx") == 1
+    assert value(registry, "shop_session_duration_seconds_count", outcome="commit") == 1
+    assert value(registry, "shop_statements_total", route=route) == 1
+    assert value(registry, "shop_sessions_open") == 0
+    assert value(registry, "shop_leak_threshold_seconds") == 60
+    assert value(registry, "shop_pool_connections_max") == 15  # SQLAlchemy's 5 + 10
+    assert value(registry, "shop_pool_connections", state="used") == backend.checkedout() == 0
+    assert value(registry, "shop_pool_wait_seconds_count") >= 2
+    # Every family is exported under the namespace, and nothing under the default one.
+    text = generate_latest(registry).decode()
+    helped = {line.split()[2] for line in text.splitlines() if line.startswith("# HELP ")}
+    families = {name for name in helped if not name.endswith("_created")}  # client extras
+    assert families == {m.exported("shop") for m in CATALOGUE}
+    assert [line for line in series(registry) if not line.startswith("shop_")] == []
+    assert registry.get_sample_value("db_sessions_open", {"db": "default"}) is None
 
 
 async def test_a_late_write_is_counted_as_a_late_write_rollback(backend: Backend) -> None:

@@ -18,21 +18,25 @@ import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 import sqlalchemy as sa
+from fastapi import FastAPI
 from prometheus_client import CollectorRegistry, generate_latest
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import AssertionPool, NullPool, Pool, SingletonThreadPool, StaticPool
 from structlog.testing import capture_logs
 
+from sessionscope import DBSessionMiddleware
 from sessionscope.metrics import Metrics
 from sessionscope.pool import PoolInstruments, instrument_pool
 
-from .support import driver_url, postgres_url
+from .support import Backend, Exchange, backend_for, driver_url, postgres_url, request
 
 DB = "main"
 REQUIRE_PROMETHEUS_ENV = "SESSIONSCOPE_REQUIRE_PROMETHEUS"
@@ -260,6 +264,94 @@ async def test_gauges_match_the_async_adapted_pool_during_concurrent_checkouts_o
         assert sample(registry, "pool_connections_max") == 4
     finally:
         await engine.dispose()
+
+
+@dataclass
+class Gate:
+    """Holds ``expected`` requests after their first write, until ``release`` is set."""
+
+    expected: int
+    holding: int = 0
+    all_held: anyio.Event = field(default_factory=anyio.Event)
+    release: anyio.Event = field(default_factory=anyio.Event)
+
+
+def gated_app(
+    backend: Backend, gates: list[Gate], registry: CollectorRegistry
+) -> DBSessionMiddleware:
+    """Each request inserts a row (its session now holds a connection), waits at the latest
+    gate, then answers 201 (committed by the middleware)."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        gate = gates[-1]
+        await backend.insert(scope["state"]["db"], scope["path"].strip("/"))
+        gate.holding += 1
+        if gate.holding == gate.expected:
+            gate.all_held.set()
+        await gate.release.wait()
+        await send({"type": "http.response.start", "status": 201})
+        await send({"type": "http.response.body"})
+
+    return DBSessionMiddleware(app, engine=backend.engine, name=DB, registry=registry)
+
+
+@pytest.mark.postgres
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", ["pg-sync", "pg-async"])
+async def test_used_connections_match_the_pool_while_concurrent_requests_hold_sessions_on_postgres(
+    kind: str, registry: CollectorRegistry, tmp_path: Path
+) -> None:
+    async with backend_for(kind, tmp_path) as backend:  # SQLAlchemy's default pool: 5 + 10
+        gates: list[Gate] = []
+        app = gated_app(backend, gates, registry)
+        sync = backend.sync_engine
+        assert (used(registry), idle(registry)) == (0, 0)
+        sent: list[Exchange] = []
+
+        async def one(path: str) -> None:
+            sent.append(await request(app, path, method="POST"))
+
+        for k in (1, 8, 15):
+            gate = Gate(k)
+            gates.append(gate)
+            async with anyio.create_task_group() as tg:
+                for i in range(k):
+                    tg.start_soon(one, f"/held-{k}-{i}")
+                with anyio.fail_after(10):
+                    await gate.all_held.wait()
+                # k requests are in flight, each session holding its connection.
+                assert used(registry) == backend.checkedout() == k
+                assert (used(registry), idle(registry)) == pool_state(sync)
+                gate.release.set()
+            assert used(registry) == backend.checkedout() == 0
+            assert (used(registry), idle(registry)) == pool_state(sync)
+
+        assert [ex.status for ex in sent] == [201] * (1 + 8 + 15)
+        assert len(backend.names()) == 1 + 8 + 15  # every held request committed its row
+        assert sample(registry, "pool_connections_max") == 15
+        assert sample(registry, "pool_pending_requests") == 0
+
+
+@pytest.mark.anyio
+async def test_wait_buckets_reach_the_pool_timeout_of_the_default_configuration(
+    backend: Backend, registry: CollectorRegistry
+) -> None:
+    DBSessionMiddleware(FastAPI(), engine=backend.engine, registry=registry)
+    timeout = float(backend.sync_engine.pool.timeout())  # type: ignore[attr-defined]
+    assert timeout == 30.0  # SQLAlchemy's default pool_timeout: the tests change nothing
+    assert registry.get_sample_value("db_pool_timeout_seconds", {"db": "default"}) == timeout
+    (family,) = [f for f in registry.collect() if f.name == "db_pool_wait_seconds"]
+    bounds = [
+        float(s.labels["le"])
+        for s in family.samples
+        if s.name == "db_pool_wait_seconds_bucket" and s.labels["db"] == "default"
+    ]
+    finite = [b for b in bounds if math.isfinite(b)]
+    assert bounds[-1] == math.inf
+    # A checkout that waits until it times out lands in a finite bucket, so quantiles of
+    # waits near the timeout stay measurable instead of collapsing into +Inf.
+    assert max(finite) >= timeout
+    assert sorted(finite) == finite
 
 
 # ------------------------------------------------------------------ waits and timeouts
