@@ -232,6 +232,38 @@ async def test_sync_sessions_commit_in_a_worker_thread_with_one_hop_per_phase(
         assert hops == ["commit"]  # close after a commit holds no transaction: done inline
 
 
+async def test_a_read_only_request_ends_without_a_hop_when_the_driver_holds_no_transaction(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # sqlite3 begins a transaction at the first write only: after reads, ending the session's
+    # transaction is in-memory work. psycopg begins one at the first statement: a real COMMIT.
+    hops: list[str] = []
+    real = anyio.to_thread.run_sync
+
+    async def counting(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(getattr(fn, "__self__", None), sa.orm.Session):
+            hops.append(fn.__name__)
+        return await real(fn, *args, **kwargs)
+
+    monkeypatch.setattr("sessionscope.session_calls.anyio.to_thread.run_sync", counting)
+    counted: list[int] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        counted.append(await backend.count(scope["state"]["db"]))
+        await send({"type": "http.response.start", "status": 200})
+        await send({"type": "http.response.body"})
+
+    ex = await request(DBSessionMiddleware(app, engine=backend.engine), log=backend.log)
+    assert ex.status == 200
+    assert counted == [0]
+    assert order(backend.log) == ["COMMIT", "start:200", "body"]
+    if backend.id == "pg-sync":
+        assert hops == ["commit"]
+    else:
+        assert hops == []  # sqlite-sync: inline; async sessions are awaited
+    assert backend.checkedout() == 0
+
+
 async def test_streaming_response_is_decided_at_start_and_the_session_stays_usable(
     backend: Backend,
 ) -> None:

@@ -17,6 +17,7 @@ import anyio
 import anyio.to_thread
 from anyio.lowlevel import RunVar
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
 from .source import AnySession
 
@@ -41,6 +42,8 @@ class SessionCalls:
             # Shielded: a cancellation must not interrupt the driver half-way through.
             with anyio.CancelScope(shield=True):
                 await cast(Callable[[], Awaitable[Any]], bound)()
+        elif holds_connection and ends_without_io(cast(Session, session)):
+            bound()  # nothing to flush and no transaction open in the driver: no I/O to wait for
         # A worker thread, once started, is waited for even when the caller is cancelled (anyio
         # shields the wait). Before it starts, a cancellation stops the call cleanly: callers
         # whose call must happen anyway (cleanup) shield it themselves.
@@ -56,6 +59,30 @@ class SessionCalls:
             limiter = anyio.CapacityLimiter(FINALIZER_THREADS)
             self._lane.set(limiter)
             return limiter
+
+
+def ends_without_io(session: Session) -> bool:
+    """Whether ending ``session``'s transaction (commit, rollback, close) does no I/O.
+
+    True when nothing is waiting to be flushed and the driver reports no open transaction on
+    any of its connections (``sqlite3`` after reads only: it begins a transaction at the first
+    write). Then committing or rolling back and returning the connection to the pool are
+    in-memory steps, and a worker thread would cost more than the call itself. Drivers that
+    do not report it (``in_transaction``) always get the worker thread.
+    """
+    if not session._is_clean():  # pending objects: a commit would flush them
+        return False
+    transaction = session.get_transaction()
+    connections = getattr(transaction, "_connections", None)
+    if not connections:
+        return False
+    for entry in connections.values():
+        # _dbapi_connection, not .connection: that revalidates an invalidated connection.
+        proxied = getattr(entry[0], "_dbapi_connection", None)
+        dbapi = getattr(proxied, "dbapi_connection", None)
+        if getattr(dbapi, "in_transaction", None) is not False:
+            return False
+    return True
 
 
 async def run_to_completion(session: AnySession, method: str) -> None:
