@@ -134,8 +134,10 @@ class RequestSession(StatementTally):
             StatementTally.__init__(self, self.source.pool)
             self.read_only = True
         else:
-            self.source, slots = settings.source, settings.slots
-            StatementTally.__init__(self, self.source.pool)
+            self.source = source = settings.source
+            slots = settings.slots
+            engine = source.engine
+            StatementTally.__init__(self, None if engine is None else engine.pool)
         self.slots: LoopSlots | None = None if slots is None else slots.here()
         self.settings = settings
         self.scope = scope
@@ -228,7 +230,8 @@ class RequestSession(StatementTally):
             committed = self.session is None or await self._decide(status)
             self.phase = Phase.DECIDED
             self.late = True
-            self._release_slot()
+            if self.slot is not None:
+                self._release_slot()
             if not committed:
                 self.replaced = True
                 await self._send_all(error_response(500))
@@ -274,15 +277,18 @@ class RequestSession(StatementTally):
 
     async def finish(self, exc: BaseException | None) -> None:
         """End the request: roll back what is undecided or late, close, report. Never raises."""
-        self._release_slot()
-        route = route_template(self.scope)
-        # From now on the request state must not reach back to this object (no cycle).
+        if self.slot is not None:
+            self._release_slot()
+        # From now on the request state must not reach back to this object (no cycle): the
+        # matched route object, not the scope, tells a late request for the session its route.
         settings = self.settings
-        self.state.withdraw(settings.name, settings.state_key, partial(_refuse, settings, route))
+        matched = self.scope.get("route")
+        self.state.withdraw(settings.name, settings.state_key, partial(_refuse, settings, matched))
         session = self.session
         if session is None:
             self.phase = Phase.CLOSED
             return
+        route = route_template(self.scope)
         sync = self._sync_session()
         sync.info.pop(REQUEST_KEY, None)
         sync.info[_CLOSED_BY] = (self.settings, route)
@@ -389,8 +395,8 @@ def closed_error(settings: SessionSettings, route: str, verb: str) -> SessionClo
     )
 
 
-def _refuse(settings: SessionSettings, route: str) -> AnySession:
-    raise closed_error(settings, route, "requested")
+def _refuse(settings: SessionSettings, matched: object) -> AnySession:
+    raise closed_error(settings, route_template({"route": matched}), "requested")
 
 
 def _on_event_loop() -> bool:

@@ -19,7 +19,9 @@ then) or the request ends. Waiters are served first come, first served.
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import weakref
 from collections import deque
 
 import anyio
@@ -110,12 +112,15 @@ class LoopSlots:
 class SessionSlots:
     """At most ``capacity`` request sessions of one engine at a time, per event loop."""
 
-    __slots__ = ("_here", "capacity", "timeout")
+    __slots__ = ("_here", "_last", "capacity", "timeout")
 
     def __init__(self, capacity: int, timeout: float, name: str) -> None:
         self.capacity = capacity
         self.timeout = timeout
         self._here: RunVar[LoopSlots] = RunVar(f"sessionscope_slots_{name}")
+        self._last: tuple[weakref.ref[asyncio.AbstractEventLoop], LoopSlots] | None = None
+        """The asyncio loop seen last and its slots: every request asks, and a RunVar lookup
+        costs more than the rest of a request that never uses its session."""
 
     @classmethod
     def for_engine(cls, engine: Engine, name: str) -> SessionSlots | None:
@@ -131,8 +136,17 @@ class SessionSlots:
     def here(self) -> LoopSlots:
         """The slots of the running event loop (call on the loop)."""
         try:
-            return self._here.get()
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:  # another event loop library (trio)
+            loop = None
+        last = self._last
+        if loop is not None and last is not None and last[0]() is loop:
+            return last[1]
+        try:
+            slots = self._here.get()
         except LookupError:
             slots = LoopSlots(self.capacity, self.timeout)
             self._here.set(slots)
-            return slots
+        if loop is not None:
+            self._last = (weakref.ref(loop), slots)
+        return slots
