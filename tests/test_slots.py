@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import threading
+from typing import Any
+
 import anyio
 import anyio.to_thread
 import pytest
+import sqlalchemy as sa
+from prometheus_client import CollectorRegistry
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
+from sessionscope import DBSessionMiddleware
 from sessionscope.slots import LoopSlots
+
+from .support import request
 
 pytestmark = pytest.mark.anyio
 
@@ -90,3 +98,49 @@ async def test_a_worker_thread_waiting_for_a_slot_lends_its_threadpool_place() -
         slots.release()
     assert seen == [before + 1]
     assert limiter.total_tokens == before
+
+
+async def test_two_threads_asking_for_the_session_at_once_take_one_slot_and_give_it_back(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'slots.db'}", pool_size=2, max_overflow=0)
+    middleware = DBSessionMiddleware(_two_first_uses, engine=engine, registry=CollectorRegistry())
+    assert middleware.settings.slots is not None
+    slots = middleware.settings.slots.here()
+    # Widen the race: a caller of try_acquire waits (briefly) for a second one to arrive.
+    arrived = threading.Condition()
+    callers: list[int] = []
+    real_try_acquire = LoopSlots.try_acquire
+
+    def racing_try_acquire(self: LoopSlots) -> bool:
+        with arrived:
+            callers.append(threading.get_ident())
+            arrived.notify_all()
+            arrived.wait_for(lambda: len(callers) >= 2, timeout=0.3)
+        return real_try_acquire(self)
+
+    monkeypatch.setattr(LoopSlots, "try_acquire", racing_try_acquire)
+    try:
+        ex = await request(middleware)
+        assert ex.status == 200
+        assert len(callers) == 1  # only one of the two first uses asks for a slot
+        assert slots._in_use == 0  # and the one slot taken was given back
+    finally:
+        engine.dispose()
+
+
+async def _two_first_uses(scope: Any, receive: Any, send: Any) -> None:
+    """Two worker threads ask for the request session at the same moment."""
+    barrier = threading.Barrier(2)
+    sessions: list[Any] = []
+
+    def first_use() -> None:
+        barrier.wait(timeout=5)
+        sessions.append(scope["state"]["db"])
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(anyio.to_thread.run_sync, first_use)
+        tg.start_soon(anyio.to_thread.run_sync, first_use)
+    assert sessions[0] is sessions[1]
+    await send({"type": "http.response.start", "status": 200})
+    await send({"type": "http.response.body"})

@@ -106,6 +106,7 @@ class RequestSession(StatementTally):
 
     __slots__ = (
         "_send",
+        "admitting",
         "closed_at",
         "hooks",
         "opened_at",
@@ -146,6 +147,7 @@ class RequestSession(StatementTally):
         self.session: AnySession | None = None
         self.slot: LoopSlots | None = None
         """The slots this request holds one of (sync engines with a bounded pool)."""
+        self.admitting = False
         self.phase = Phase.RUNNING
         self.status: int | None = None
         self.outcome: str | None = None
@@ -167,16 +169,19 @@ class RequestSession(StatementTally):
         more thread (see :mod:`sessionscope.slots`).
         """
         slots = self.slots
-        if self.session is None and slots is not None and self.slot is None and not self.started:
-            if slots.try_acquire():
-                self.slot = slots
-            elif not _on_event_loop():
-                try:
-                    anyio.from_thread.run(self._wait_for_slot, slots.acquire_lending_thread)
-                except RuntimeError:
-                    pass  # not an AnyIO worker thread: the pool checkout itself will wait
-                else:
+        if slots is not None and self.session is None and self._admitting():
+            try:
+                if slots.try_acquire():
                     self.slot = slots
+                elif not _on_event_loop():
+                    try:
+                        anyio.from_thread.run(self._wait_for_slot, slots.acquire_lending_thread)
+                    except RuntimeError:
+                        pass  # not an AnyIO worker thread: the pool checkout itself will wait
+                    else:
+                        self.slot = slots
+            finally:
+                self.admitting = False
         with self.settings.create_lock:
             if self.session is None:
                 if self.phase is Phase.CLOSED:
@@ -192,11 +197,24 @@ class RequestSession(StatementTally):
     async def open_async(self) -> AnySession:
         """The request's session, first waiting on the loop for a pool slot (sync engines)."""
         slots = self.slots
-        if self.session is None and slots is not None and self.slot is None and not self.started:
-            if not slots.try_acquire():
-                await self._wait_for_slot(slots.acquire)
-            self.slot = slots
+        if slots is not None and self.session is None and self._admitting():
+            try:
+                if not slots.try_acquire():
+                    await self._wait_for_slot(slots.acquire)
+                self.slot = slots
+            finally:
+                self.admitting = False
         return self.open()
+
+    def _admitting(self) -> bool:
+        """Claim the admission of this request's session to a pool slot: ``False`` when it
+        holds one, is past its decision, or another thread or task is being admitted (two
+        first uses at once must not take two slots, one of which nobody would give back)."""
+        with self.settings.create_lock:
+            if self.slot is not None or self.admitting or self.started:
+                return False
+            self.admitting = True
+            return True
 
     async def _wait_for_slot(self, acquire: Callable[[], Awaitable[None]]) -> None:
         """Wait for a pool slot with ``acquire``, counted as a pending checkout."""
