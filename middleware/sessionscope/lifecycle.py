@@ -24,7 +24,6 @@ import enum
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from functools import partial
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, Final
 
@@ -301,7 +300,7 @@ class RequestSession(StatementTally):
         # matched route object, not the scope, tells a late request for the session its route.
         settings = self.settings
         matched = self.scope.get("route")
-        self.state.withdraw(settings.name, settings.state_key, partial(_refuse, settings, matched))
+        self.state.withdraw(settings.name, settings.state_key, _Refusal(settings, matched))
         session = self.session
         if session is None:
             self.phase = Phase.CLOSED
@@ -413,8 +412,21 @@ def closed_error(settings: SessionSettings, route: str, verb: str) -> SessionClo
     )
 
 
-def _refuse(settings: SessionSettings, matched: object) -> AnySession:
-    raise closed_error(settings, route_template({"route": matched}), "requested")
+class _Refusal:
+    """What a request's state gives for its session once the request has finished."""
+
+    __slots__ = ("matched", "settings")
+
+    def __init__(self, settings: SessionSettings, matched: object) -> None:
+        self.settings = settings
+        self.matched = matched
+        """The matched route object (not the scope: that would make a reference cycle)."""
+
+    def open(self) -> AnySession:
+        raise closed_error(self.settings, route_template({"route": self.matched}), "requested")
+
+    async def open_async(self) -> AnySession:
+        return self.open()
 
 
 def _on_event_loop() -> bool:

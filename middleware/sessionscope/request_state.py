@@ -9,22 +9,32 @@ holding the original still sees them; the sessions themselves stay in the copy.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from collections.abc import MutableMapping
+from typing import Any, Protocol
 
 from .errors import SessionNotAvailableError
+
+
+class Provider(Protocol):
+    """Creates a value of the request state on first access (the request's session)."""
+
+    def open(self) -> Any:
+        """The value, created now if need be (from any thread)."""
+
+    async def open_async(self) -> Any:
+        """The value, created now if need be, waiting on the event loop where it must."""
 
 
 class RequestState(dict[str, Any]):
     """A request's state dict that creates registered values on first access."""
 
-    __slots__ = ("_factories", "_openers", "_origin", "databases", "names")
+    __slots__ = ("_origin", "_providers", "databases", "names")
 
     def __init__(self, origin: MutableMapping[str, Any] | None) -> None:
-        super().__init__(origin or ())
+        if origin:
+            super().__init__(origin)
         self._origin = origin
-        self._factories: dict[str, Callable[[], Any]] = {}
-        self._openers: dict[str, Callable[[], Awaitable[Any]]] = {}
+        self._providers: dict[str, Provider] = {}
         self.names: dict[str, str] = {}
         """Database name -> state key, for every middleware that handles this request."""
         self.databases: dict[str, Any] = {}
@@ -40,22 +50,11 @@ class RequestState(dict[str, Any]):
         scope["state"] = installed
         return installed
 
-    def provide(
-        self,
-        name: str,
-        key: str,
-        factory: Callable[[], Any],
-        opener: Callable[[], Awaitable[Any]],
-        settings: Any = None,
-    ) -> bool:
-        """Serve ``key`` from ``factory`` on first access; ``False`` if ``key`` is taken.
-
-        ``opener`` is the awaitable way to the same value, for callers on the event loop.
-        """
-        if key in self._factories or dict.__contains__(self, key):
+    def provide(self, name: str, key: str, provider: Provider, settings: Any = None) -> bool:
+        """Serve ``key`` from ``provider`` on first access; ``False`` if ``key`` is taken."""
+        if key in self._providers or dict.__contains__(self, key):
             return False
-        self._factories[key] = factory
-        self._openers[key] = opener
+        self._providers[key] = provider
         self.names[name] = key
         if settings is not None:
             self.databases[name] = settings
@@ -79,26 +78,25 @@ class RequestState(dict[str, Any]):
             )
         return wanted
 
-    def withdraw(self, name: str, key: str, factory: Callable[[], Any]) -> None:
-        """After the request: later first accesses of ``key`` go to ``factory`` instead."""
-        self._factories[key] = factory
-        self._openers.pop(key, None)
+    def withdraw(self, name: str, key: str, provider: Provider) -> None:
+        """After the request: later first accesses of ``key`` go to ``provider`` instead."""
+        self._providers[key] = provider
         self.databases.pop(name, None)
 
     async def open(self, key: str) -> Any:
-        """The value of ``key``, created through its awaitable opener if not created yet."""
+        """The value of ``key``, created through its provider's awaitable way if not yet."""
         if dict.__contains__(self, key):
             return dict.__getitem__(self, key)
-        opener = self._openers.get(key)
-        if opener is None:
+        provider = self._providers.get(key)
+        if provider is None:
             return self[key]
-        return await opener()
+        return await provider.open_async()
 
     def __missing__(self, key: str) -> Any:
-        factory = self._factories.get(key)
-        if factory is None:
+        provider = self._providers.get(key)
+        if provider is None:
             raise KeyError(key)
-        return factory()
+        return provider.open()
 
     def get(self, key: str, default: Any = None) -> Any:
         try:
@@ -107,7 +105,7 @@ class RequestState(dict[str, Any]):
             return default
 
     def __contains__(self, key: object) -> bool:
-        return dict.__contains__(self, key) or key in self._factories
+        return dict.__contains__(self, key) or key in self._providers
 
     def remember(self, key: str, value: Any) -> None:
         """Store a created value in this request's state only (never in the origin)."""
