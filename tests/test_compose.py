@@ -1,14 +1,13 @@
 """``dashboards/compose.yaml``: the demo, Prometheus and Grafana wired to the repository's files.
 
 Parsed as YAML and checked against the files it mounts and the configs that must agree with
-it (Grafana's provisioning, Prometheus' scrape target); ``docker compose config`` validates it
-against the Compose schema where Docker's compose plugin is installed.
+it (Grafana's provisioning, Prometheus' scrape target). Docker's own ``docker compose config``
+is not run: no machine this suite runs on has the compose plugin, and a test that can only skip
+proves nothing.
 """
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -110,24 +109,3 @@ def test_the_published_ports_are_on_loopback_only(compose: dict[str, Any]) -> No
     assert services["demo"]["ports"] == ["127.0.0.1:8000:8000", "127.0.0.1:9090:9090"]
     assert services["grafana"]["ports"] == ["127.0.0.1:3000:3000"]
     assert "ports" not in services["prometheus"]  # published by the demo it shares a network with
-
-
-def test_docker_compose_accepts_the_file() -> None:
-    docker = shutil.which("docker")
-    if docker is None:
-        pytest.skip("docker is not installed: `docker compose config` cannot validate the file")
-    version = subprocess.run(
-        [docker, "compose", "version"], capture_output=True, text=True, check=False
-    )
-    if version.returncode != 0:
-        said = (version.stderr + version.stdout).strip().splitlines() or ["no output"]
-        pytest.skip(
-            f"Docker's compose plugin is not available (`docker compose version` failed: {said[0]})"
-        )
-    done = subprocess.run(
-        [docker, "compose", "-f", str(COMPOSE_FILE), "config", "-q"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr

@@ -185,18 +185,24 @@ async def test_session_is_created_on_first_access_and_a_request_that_never_asks_
     assert backend.log == []
 
 
-async def test_an_unused_session_checks_out_no_connection_and_makes_no_thread_hop(
-    backend: Backend, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    hops: list[Any] = []
+@pytest.fixture
+def hops(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The middleware's own worker-thread calls on sessions (not the app's), in order."""
+    seen: list[str] = []
     real = anyio.to_thread.run_sync
 
     async def counting(fn: Any, *args: Any, **kwargs: Any) -> Any:
         if isinstance(getattr(fn, "__self__", None), sa.orm.Session):
-            hops.append(fn.__name__)
+            seen.append(fn.__name__)
         return await real(fn, *args, **kwargs)
 
     monkeypatch.setattr("sessionscope.session_calls.anyio.to_thread.run_sync", counting)
+    return seen
+
+
+async def test_an_unused_session_checks_out_no_connection_and_makes_no_thread_hop(
+    backend: Backend, hops: list[str]
+) -> None:
     during: list[int] = []
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
@@ -211,17 +217,8 @@ async def test_an_unused_session_checks_out_no_connection_and_makes_no_thread_ho
 
 
 async def test_sync_sessions_commit_in_a_worker_thread_with_one_hop_per_phase(
-    backend: Backend, monkeypatch: pytest.MonkeyPatch
+    backend: Backend, hops: list[str]
 ) -> None:
-    hops: list[str] = []
-    real = anyio.to_thread.run_sync
-
-    async def counting(fn: Any, *args: Any, **kwargs: Any) -> Any:
-        if isinstance(getattr(fn, "__self__", None), sa.orm.Session):
-            hops.append(fn.__name__)  # the middleware's calls, not the app's own
-        return await real(fn, *args, **kwargs)
-
-    monkeypatch.setattr("sessionscope.session_calls.anyio.to_thread.run_sync", counting)
     await request(json_app(backend, 200, write="t"))
     loop_thread = threading.current_thread().name
     (commit_thread,) = [t for e, t in backend.log if e == "COMMIT"]
@@ -233,19 +230,10 @@ async def test_sync_sessions_commit_in_a_worker_thread_with_one_hop_per_phase(
 
 
 async def test_a_read_only_request_ends_without_a_hop_when_the_driver_holds_no_transaction(
-    backend: Backend, monkeypatch: pytest.MonkeyPatch
+    backend: Backend, hops: list[str]
 ) -> None:
     # sqlite3 begins a transaction at the first write only: after reads, ending the session's
     # transaction is in-memory work. psycopg begins one at the first statement: a real COMMIT.
-    hops: list[str] = []
-    real = anyio.to_thread.run_sync
-
-    async def counting(fn: Any, *args: Any, **kwargs: Any) -> Any:
-        if isinstance(getattr(fn, "__self__", None), sa.orm.Session):
-            hops.append(fn.__name__)
-        return await real(fn, *args, **kwargs)
-
-    monkeypatch.setattr("sessionscope.session_calls.anyio.to_thread.run_sync", counting)
     counted: list[int] = []
 
     async def app(scope: Any, receive: Any, send: Any) -> None:

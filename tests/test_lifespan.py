@@ -26,7 +26,7 @@ import anyio
 import pytest
 import sqlalchemy as sa
 from sqlalchemy import event
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -169,6 +169,16 @@ WRONG_DATABASE = "ss_no_such_database"
 WRONG_USER = "ss_no_such_user"
 
 
+def wrong_url(kind: str, wrong: str) -> URL:
+    """The live test server's URL with a wrong database or user, and a secret password."""
+    base = postgres_url()
+    assert base is not None
+    url = make_url(driver_url(base, async_=kind == "async"))
+    if wrong == "database":
+        return url.set(database=WRONG_DATABASE, password=PASSWORD)
+    return url.set(username=WRONG_USER, password=PASSWORD)
+
+
 @pytest.mark.postgres
 @pytest.mark.parametrize("kind", ["sync", "async"])
 @pytest.mark.parametrize(
@@ -190,13 +200,7 @@ async def test_a_wrong_database_or_user_on_a_live_server_fails_startup_fast_and_
     problem: str,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    base = postgres_url()
-    assert base is not None
-    url = make_url(driver_url(base, async_=kind == "async"))
-    if wrong == "database":
-        url = url.set(database=WRONG_DATABASE, password=PASSWORD)
-    else:
-        url = url.set(username=WRONG_USER, password=PASSWORD)
+    url = wrong_url(kind, wrong)
     rendered = url.render_as_string(hide_password=False)
     assert PASSWORD in rendered
     engine = create_async_engine(rendered) if kind == "async" else sa.create_engine(rendered)
@@ -248,15 +252,10 @@ app = Starlette(lifespan=database_lifespan(engine))
 def test_uvicorn_refuses_to_start_and_its_logs_name_the_problem_but_not_the_password(
     kind: str, wrong: str, tmp_path: Path
 ) -> None:
-    base = postgres_url()
-    assert base is not None
-    url = make_url(driver_url(base, async_=kind == "async"))
-    if wrong == "database":
-        url = url.set(database=WRONG_DATABASE, password=PASSWORD)
-        problem = f'database "{WRONG_DATABASE}" does not exist'
-    else:
-        url = url.set(username=WRONG_USER, password=PASSWORD)
-        problem = f'"{WRONG_USER}"'
+    url = wrong_url(kind, wrong)
+    problem = (
+        f'database "{WRONG_DATABASE}" does not exist' if wrong == "database" else f'"{WRONG_USER}"'
+    )
     (tmp_path / "app.py").write_text(UVICORN_APP)
     env = {**os.environ, "APP_DATABASE_URL": url.render_as_string(hide_password=False)}
     command = [sys.executable, "-m", "uvicorn", "app:app", "--app-dir", str(tmp_path),

@@ -30,7 +30,9 @@ def traced() -> tuple[TracerProvider, InMemorySpanExporter]:
     return provider, exporter
 
 
-def traced_app(backend: Backend, provider: TracerProvider, status: int, fail: bool = False) -> Any:
+def writing_app(backend: Backend, status: int = 201, fail: bool = False) -> Any:
+    """Writes one row (or, with ``fail``, one that fails at commit), then answers ``status``."""
+
     async def app(scope: Any, receive: Any, send: Any) -> None:
         session = scope["state"]["db"]
         if fail:
@@ -41,8 +43,15 @@ def traced_app(backend: Backend, provider: TracerProvider, status: int, fail: bo
         await send({"type": "http.response.start", "status": status})
         await send({"type": "http.response.body"})
 
+    return app
+
+
+def traced_app(backend: Backend, provider: TracerProvider, status: int, fail: bool = False) -> Any:
     inner = DBSessionMiddleware(
-        app, engine=backend.engine, registry=CollectorRegistry(), tracer_provider=provider
+        writing_app(backend, status, fail),
+        engine=backend.engine,
+        registry=CollectorRegistry(),
+        tracer_provider=provider,
     )
     tracer = provider.get_tracer("test")
 
@@ -107,12 +116,9 @@ async def test_the_global_tracer_provider_is_used_when_none_is_passed(
     # after opentelemetry.trace.set_tracer_provider(provider), for this test alone.
     monkeypatch.setattr(opentelemetry.trace, "get_tracer_provider", lambda: provider)
 
-    async def app(scope: Any, receive: Any, send: Any) -> None:
-        await backend.insert(scope["state"]["db"], "traced")
-        await send({"type": "http.response.start", "status": 201})
-        await send({"type": "http.response.body"})
-
-    middleware = DBSessionMiddleware(app, engine=backend.engine, registry=CollectorRegistry())
+    middleware = DBSessionMiddleware(
+        writing_app(backend), engine=backend.engine, registry=CollectorRegistry()
+    )
     assert middleware.settings.reporter.spans is not None
     assert (await request(middleware)).status == 201
     (span,) = exporter.get_finished_spans()
@@ -136,15 +142,13 @@ async def test_without_the_opentelemetry_package_there_are_no_spans_and_requests
     assert SessionSpans.create() is None
     assert SessionSpans.create(provider) is None
 
-    async def app(scope: Any, receive: Any, send: Any) -> None:
-        await backend.insert(scope["state"]["db"], "untraced")
-        await send({"type": "http.response.start", "status": 201})
-        await send({"type": "http.response.body"})
-
     middleware = DBSessionMiddleware(
-        app, engine=backend.engine, registry=CollectorRegistry(), tracer_provider=provider
+        writing_app(backend),
+        engine=backend.engine,
+        registry=CollectorRegistry(),
+        tracer_provider=provider,
     )
     assert middleware.settings.reporter.spans is None
     assert (await request(middleware)).status == 201
-    assert backend.names() == ["untraced"]
+    assert backend.names() == ["traced"]
     assert exporter.get_finished_spans() == ()
