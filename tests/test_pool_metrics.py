@@ -725,7 +725,8 @@ def test_multiprocess_mode_is_detected_and_its_files_hold_the_pool_metrics(
         import sqlalchemy as sa
         from prometheus_client import CollectorRegistry, multiprocess
         from sessionscope.metrics import Metrics
-        from sessionscope.pool import instrument_pool, multiprocess_mode
+        from sessionscope.metric_batch import multiprocess_mode
+        from sessionscope.pool import instrument_pool
 
         engine = sa.create_engine(
             "sqlite:///" + sys.argv[1], pool_size=2, max_overflow=1, pool_timeout=0.1

@@ -107,6 +107,7 @@ class RequestSession(StatementTally):
         "_send",
         "admitting",
         "closed_at",
+        "commit_seconds",
         "hooks",
         "opened_at",
         "outcome",
@@ -157,6 +158,8 @@ class RequestSession(StatementTally):
         self.span: Any = None
         self.opened_at = 0.0
         self.closed_at = 0.0
+        self.commit_seconds: float | None = None
+        """How long the decided commit took (reported with the close)."""
 
     # -- created -------------------------------------------------------------------------
 
@@ -278,7 +281,7 @@ class RequestSession(StatementTally):
             await self._rollback(oc.COMMIT_ERROR)
             return False
         self.outcome = oc.COMMIT
-        self.settings.reporter.committed(self, perf_counter() - started)
+        self.commit_seconds = perf_counter() - started
         return True
 
     async def _rollback(self, reason: str) -> None:

@@ -5,7 +5,7 @@ namespace, so several middlewares (one per database) share them. ``Metrics.for_d
 resolves the label children of one database once; per-route children are resolved on a route's
 first request and cached, up to ``max_routes`` distinct routes, after which new routes are
 folded into ``__other__``. Nothing on the request path calls ``.labels()`` more than once per
-route and database.
+route and database, and what the request path updates is batched (:mod:`.metric_batch`).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 
 from . import catalogue as cat
 from . import outcome as oc
+from .metric_batch import Counting, MetricBatch, Observing, multiprocess_mode
 
 OTHER_ROUTE: Final = "__other__"
 """The route label of routes beyond the cap on distinct routes."""
@@ -32,6 +33,9 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry, namespace: str) -> None:
         self.registry = registry
         self.namespace = namespace
+        self.batch = MetricBatch(immediate=multiprocess_mode())
+        """Where the request path's updates wait for a scrape (registered before the families)."""
+        self.batch.register_flush(registry)
         self._families: dict[str, Family] = {
             m.name: _family(m, namespace, registry) for m in cat.CATALOGUE
         }
@@ -76,10 +80,11 @@ class RouteMetrics:
     )
 
     def __init__(self, metrics: Metrics, db: str, route: str) -> None:
+        batch = metrics.batch
         closed = metrics[cat.SESSIONS_CLOSED]
-        self.closed = {o: closed.labels(db, route, o) for o in oc.OUTCOMES}
-        self.held = metrics[cat.SESSION_HELD].labels(db, route)
-        self.statements = metrics[cat.STATEMENTS].labels(db, route)
+        self.closed = {o: batch.counter(closed.labels(db, route, o)) for o in oc.OUTCOMES}
+        self.held = batch.counter(metrics[cat.SESSION_HELD].labels(db, route))
+        self.statements = batch.counter(metrics[cat.STATEMENTS].labels(db, route))
         self.leaks_detected = metrics[cat.SESSION_LEAKS_DETECTED].labels(db, route)
         self.leaks_resolved = metrics[cat.SESSION_LEAKS_RESOLVED].labels(db, route)
         self.use_after_close = metrics[cat.SESSION_USE_AFTER_CLOSE].labels(db, route)
@@ -92,13 +97,18 @@ class DbMetrics:
         self.metrics = metrics
         self.db = db
         self.max_routes = max_routes
-        self.open = metrics[cat.SESSIONS_OPEN].labels(db)
+        self.batch = batch = metrics.batch
+        self.open: Counting = batch.counter(metrics[cat.SESSIONS_OPEN].labels(db))
         duration = metrics[cat.SESSION_DURATION]
-        self.duration = {o: duration.labels(db, o) for o in oc.OUTCOMES}
+        self.duration = {o: batch.histogram(duration.labels(db, o)) for o in oc.OUTCOMES}
         rollbacks = metrics[cat.SESSION_ROLLBACKS]
-        self.rollbacks = {r: rollbacks.labels(db, r) for r in oc.ROLLBACK_REASONS}
-        self.commit_duration = metrics[cat.SESSION_COMMIT_DURATION].labels(db)
-        self.statements_per_session = metrics[cat.SESSION_STATEMENTS].labels(db)
+        self.rollbacks = {r: batch.counter(rollbacks.labels(db, r)) for r in oc.ROLLBACK_REASONS}
+        self.commit_duration: Observing = batch.histogram(
+            metrics[cat.SESSION_COMMIT_DURATION].labels(db)
+        )
+        self.statements_per_session: Observing = batch.histogram(
+            metrics[cat.SESSION_STATEMENTS].labels(db)
+        )
         errors = metrics[cat.SESSION_ERRORS]
         self.errors = {(p, t): errors.labels(db, p, t) for p in oc.PHASES for t in cat.ERROR_TYPES}
         self.leak_suspected = metrics[cat.SESSIONS_LEAK_SUSPECTED].labels(db)
@@ -129,8 +139,8 @@ class DbMetrics:
         """Count a rollback; unknown reasons (a custom commit_on's status class) are created."""
         child = self.rollbacks.get(reason)
         if child is None:
-            child = self.rollbacks[reason] = self.metrics[cat.SESSION_ROLLBACKS].labels(
-                self.db, reason
+            child = self.rollbacks[reason] = self.batch.counter(
+                self.metrics[cat.SESSION_ROLLBACKS].labels(self.db, reason)
             )
         child.inc()
 

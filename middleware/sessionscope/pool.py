@@ -13,9 +13,12 @@
   checkouts) and ``pool_timeouts_total``, measured by wrapping the pool's public ``connect()``,
   through which every Core and ORM checkout goes. A timeout also logs a ``db_pool.timeout``
   error event with the pool's state; the exception is re-raised unchanged.
-* **connection churn** ``pool_use_seconds``, ``pool_connect_seconds``,
-  ``pool_connections_created_total``, ``pool_connections_closed_total`` and
-  ``pool_connections_invalidated_total{kind}``, from pool and dialect events.
+* **connection churn** ``pool_use_seconds`` (from the ``connect()`` wrapper to the ``checkin``
+  event), ``pool_connect_seconds``, ``pool_connections_created_total``,
+  ``pool_connections_closed_total`` and ``pool_connections_invalidated_total{kind}``, from pool
+  and dialect events.
+
+The two histograms updated on every checkout and checkin are batched (:mod:`.metric_batch`).
 
 Everything survives ``engine.dispose()``: event listeners move to the new pool with the pool's
 dispatch, and the ``connect()`` wrapper is re-applied by wrapping ``recreate()``, which
@@ -27,14 +30,12 @@ which costs more per request than everything measured here.
 from __future__ import annotations
 
 import math
-import os
 import weakref
 from collections.abc import Callable
 from time import perf_counter
 from typing import Any, Final
 
 import structlog
-from prometheus_client import values
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
@@ -42,6 +43,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import Pool, PoolProxiedConnection
 
 from . import catalogue as cat
+from .metric_batch import multiprocess_mode
 from .metrics import Metrics
 from .reporting import LOGGER_NAME
 
@@ -49,16 +51,8 @@ TIMEOUT_EVENT: Final = "db_pool.timeout"
 INVALIDATION_KINDS: Final = ("hard", "soft")
 _INSTRUMENTS_ATTRIBUTE: Final = "_sessionscope_pool_instruments"
 _WRAPPED_ATTRIBUTE: Final = "_sessionscope_wrapped_by"
-_MULTIPROC_ENV: Final = ("PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir")
 
 PoolReader = Callable[[Pool], float]
-
-
-def multiprocess_mode() -> bool:
-    """Whether prometheus_client runs in multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``)."""
-    if getattr(values.ValueClass, "_multiprocess", False):
-        return True
-    return any(name in os.environ for name in _MULTIPROC_ENV)
 
 
 def instrument_pool(
@@ -101,9 +95,9 @@ class PoolInstruments:
         """Whether gauges are written (events, :meth:`refresh`) rather than read at scrape."""
         self._engine_ref = weakref.ref(engine)
         self._pending = metrics[cat.POOL_PENDING].labels(db)
-        self._wait = metrics[cat.POOL_WAIT].labels(db)
+        self._wait = metrics.batch.histogram(metrics[cat.POOL_WAIT].labels(db))
         self._timeouts = metrics[cat.POOL_TIMEOUTS].labels(db)
-        self._use = metrics[cat.POOL_USE].labels(db)
+        self._use = metrics.batch.histogram(metrics[cat.POOL_USE].labels(db))
         self._connect = metrics[cat.POOL_CONNECT].labels(db)
         self._created = metrics[cat.POOL_CREATED].labels(db)
         self._closed = metrics[cat.POOL_CLOSED].labels(db)
@@ -157,7 +151,6 @@ class PoolInstruments:
 
         event.listen(engine, "do_connect", self._on_do_connect)
         event.listen(engine, "connect", self._on_connect)
-        event.listen(engine, "checkout", self._on_checkout)
         event.listen(engine, "checkin", self._on_checkin)
         event.listen(engine, "close", self._on_close)
         event.listen(engine, "close_detached", self._on_close_detached)
@@ -192,6 +185,7 @@ class PoolInstruments:
         original: Callable[[], PoolProxiedConnection] = pool.connect
         pending = self._pending
         wait = self._wait
+        checkout_key = self._checkout_key
 
         idle = getattr(pool, "checkedin", None)
 
@@ -213,7 +207,10 @@ class PoolInstruments:
             finally:
                 if may_wait:
                     pending.dec()
-            wait.observe(perf_counter() - start)
+            checked_out = perf_counter()
+            wait.observe(checked_out - start)
+            # Where a checkout listener would note it, without paying for an event dispatch.
+            connection.info[checkout_key] = checked_out  # the record's info, as events see it
             return connection
 
         setattr(pool, "connect", connect)  # noqa: B010 (mypy forbids assigning to a method)
@@ -256,9 +253,6 @@ class PoolInstruments:
         started = record.info.pop(self._connect_key, None)
         if started is not None:
             self._connect.observe(perf_counter() - started)
-
-    def _on_checkout(self, dbapi_connection: Any, record: Any, proxy: Any) -> None:
-        record.info[self._checkout_key] = perf_counter()
 
     def _on_checkin(self, dbapi_connection: Any, record: Any) -> None:
         started = record.info.pop(self._checkout_key, None)

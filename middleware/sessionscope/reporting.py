@@ -10,6 +10,7 @@ connection URLs are never logged.
 from __future__ import annotations
 
 import traceback
+from time import perf_counter
 from typing import TYPE_CHECKING, Any, Final
 
 import structlog
@@ -78,17 +79,14 @@ class Reporter:
 
     def task_closed(self, route: str, outcome: str, seconds: float) -> None:
         """A per-task session closed: counted like a request session of ``route``."""
-        if self.metrics is not None:
-            per_route = self.metrics.route(route)
-            per_route.closed[outcome].inc()
-            per_route.held.inc(seconds)
-            self.metrics.duration[outcome].observe(seconds)
-            self.metrics.open.dec()
-
-    def committed(self, rs: RequestSession, seconds: float) -> None:
-        """The request transaction committed in ``seconds``."""
-        if self.metrics is not None:
-            self.metrics.commit_duration.observe(seconds)
+        metrics = self.metrics
+        if metrics is not None:
+            per_route = metrics.route(route)
+            with metrics.batch.lock:
+                per_route.closed[outcome].inc_held(1)
+                per_route.held.inc_held(seconds)
+                metrics.duration[outcome].observe_held(seconds)
+                metrics.open.inc_held(-1)
 
     def rolled_back(self, rs: RequestSession, reason: str) -> None:
         """A transaction of the request was rolled back for ``reason``."""
@@ -177,11 +175,13 @@ class Reporter:
         if self.metrics is not None:
             self.metrics.leak_suspected.set(over_threshold)
             self.metrics.oldest_age.set(oldest_age)
+            self.metrics.batch.flush_due(perf_counter())
         if self.pool is not None and self.pool.multiprocess:
             self.pool.refresh()  # no scrape-time reads across processes: resynchronise here
 
     def closed(self, rs: RequestSession) -> None:
-        """The session is closed: count it, resolve a reported leak, emit the canonical event."""
+        """The session is closed: count it (and its commit's duration), resolve a reported
+        leak, emit the canonical event."""
         duration = rs.duration
         if rs.span is not None and self.spans is not None:
             self.spans.end(rs.span, rs)
@@ -191,13 +191,20 @@ class Reporter:
         if metrics is not None:
             outcome = rs.outcome or "unused"
             per_route = metrics.route(route)
-            per_route.closed[outcome].inc()
-            per_route.held.inc(duration)
-            if rs.statements:
-                per_route.statements.inc(rs.statements)
-            metrics.duration[outcome].observe(duration)
-            metrics.statements_per_session.observe(rs.statements)
-            metrics.open.dec()
+            statements = rs.statements
+            batch = metrics.batch
+            with batch.lock:  # once for all of them
+                per_route.closed[outcome].inc_held(1)
+                per_route.held.inc_held(duration)
+                if statements:
+                    per_route.statements.inc_held(statements)
+                metrics.duration[outcome].observe_held(duration)
+                metrics.statements_per_session.observe_held(statements)
+                if rs.commit_seconds is not None:
+                    metrics.commit_duration.observe_held(rs.commit_seconds)
+                metrics.open.inc_held(-1)
+            if rs.closed_at >= batch.flush_at:
+                batch.flush()
         if self.leaks is not None:
             entry = self.leaks.remove(rs)
             if entry is not None and entry.flagged:
