@@ -20,6 +20,7 @@ from .e2e import E2ESettings
 from .inprocess import RunSettings, run_inprocess
 from .logging_setup import configure_production_logging
 from .machine import describe
+from .overhead import OverheadSettings
 from .report import comparison_table, render, targets_table, verdicts
 from .results import dump_measurements
 from .rss import measure_rss
@@ -36,6 +37,8 @@ _COUNTS: dict[str, tuple[str, float, float]] = {
     "requests": ("BENCH_REQUESTS", 250, 40),
     "nodb_requests": ("BENCH_NODB_REQUESTS", 2000, 200),
     "warmup": ("BENCH_WARMUP", 100, 20),
+    "overhead_pairs": ("BENCH_OVERHEAD_PAIRS", 60, 10),
+    "overhead_requests": ("BENCH_OVERHEAD_REQUESTS", 300, 100),
     "scaling_rounds": ("BENCH_SCALING_ROUNDS", 5, 2),
     "scaling_requests": ("BENCH_SCALING_REQUESTS", 200, 40),
     "rss_total": ("BENCH_RSS_TOTAL", 200_000, 20_000),
@@ -70,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--skip",
         default=os.environ.get("BENCH_SKIP", ""),
-        help="comma-separated parts to skip: extra, scaling, rss, e2e (env BENCH_SKIP)",
+        help="comma-separated parts to skip: extra, overhead, scaling, rss, e2e (env BENCH_SKIP)",
     )
     parser.add_argument("--contenders", help="inprocess: comma-separated contender keys")
     parser.add_argument("--scenarios", help="inprocess: comma-separated scenario keys")
@@ -133,6 +136,9 @@ def _all(args: argparse.Namespace, counts: dict[str, float]) -> None:
         run=_run_settings(counts),
         scaling=ScalingSettings(
             rounds=int(counts["scaling_rounds"]), requests=int(counts["scaling_requests"])
+        ),
+        overhead=OverheadSettings(
+            pairs=int(counts["overhead_pairs"]), requests=int(counts["overhead_requests"])
         ),
         e2e=E2ESettings(
             duration=float(counts["e2e_duration"]),

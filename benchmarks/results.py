@@ -9,6 +9,7 @@ from typing import Any
 
 from .e2e import E2EMeasurement
 from .inprocess import Measurement
+from .overhead import OverheadResult
 from .rss import RssResult
 
 
@@ -27,6 +28,8 @@ class Results:
     routes: list[Measurement] = field(default_factory=list)
     open_sessions: list[Measurement] = field(default_factory=list)
     rss: RssResult | None = None
+    overhead: OverheadResult | None = None
+    """Metrics and logging on minus off, paired, on a hop-free database route."""
     e2e: list[E2EMeasurement] = field(default_factory=list)
     e2e_peer: str | None = None
     postgres_version: str | None = None

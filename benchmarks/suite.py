@@ -16,6 +16,7 @@ from .database import postgres_available, postgres_urls, prepare
 from .e2e import E2ESettings, load_generator, run_e2e
 from .inprocess import RunSettings, run_inprocess
 from .machine import describe, postgres_version
+from .overhead import OverheadSettings, measure_overhead
 from .results import Results, load_measurements
 from .rss import RssResult
 from .scaling import ScalingSettings, measure_open_sessions, measure_routes
@@ -31,6 +32,7 @@ class SuiteSettings:
 
     run: RunSettings
     scaling: ScalingSettings
+    overhead: OverheadSettings
     e2e: E2ESettings
     rss_total: int
     rss_checkpoint: int
@@ -112,6 +114,9 @@ def run_suite(settings: SuiteSettings) -> Results:
             results.extra_contenders = sorted(new)
             for key in new:
                 results.skipped.pop(key, None)
+        if "overhead" not in settings.skip:
+            _log("metrics and logging: on vs off, paired")
+            results.overhead = asyncio.run(measure_overhead(settings.overhead))
         if "scaling" not in settings.skip:
             scaled = [c.BY_KEY["get_db"], c.BY_KEY["ss_on"]]
             _log("scaling: routes")

@@ -17,6 +17,7 @@ from benchmarks import contenders as c
 from benchmarks.database import remove_sqlite_pragmas
 from benchmarks.e2e import E2EMeasurement, LoadResult, parse_wrk
 from benchmarks.inprocess import Measurement, RunSettings, run_inprocess
+from benchmarks.overhead import OverheadResult, OverheadSettings, measure_overhead
 from benchmarks.report import comparison_table, render, verdicts
 from benchmarks.results import Results
 from benchmarks.rss import measure_rss
@@ -73,6 +74,14 @@ def test_scaling_and_memory_run(tmp_path: Path) -> None:
     assert rss.rss_total_mib > 0
 
 
+def test_the_paired_on_off_measurement_runs() -> None:
+    settings = OverheadSettings(pairs=3, requests=4, warmup=2)
+    result = asyncio.run(measure_overhead(settings))
+    assert result is not None
+    assert len(result.differences) == len(result.off_cpu) == 3
+    assert result.off_median > 0
+
+
 def test_report_renders_with_every_part() -> None:
     parsed = parse_wrk(WRK_OUTPUT)
     assert parsed == LoadResult(rps=333.33, p50_ms=2.5, p99_ms=1200.0, errors=6)
@@ -90,8 +99,12 @@ def test_report_renders_with_every_part() -> None:
             Measurement("routes_500", "ss_on", [82.0]),
         ],
         e2e=[E2EMeasurement("read", "ss_on", [parsed]), E2EMeasurement("read", "get_db", [parsed])],
+        overhead=OverheadResult(differences=[4.0, 6.0, 5.0, 30.0], off_cpu=[200.0], requests=9),
+        off_supported=True,
     )
     text = render(results)
+    assert "median +5.5" in text
+    assert "paired on a hop-free database route" in text
     assert "Depends(get_db)" in comparison_table(results)
     assert "## Targets" in text
     assert any(v.met for v in verdicts(results))
