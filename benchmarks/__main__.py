@@ -33,18 +33,18 @@ HERE = Path(__file__).resolve().parent
 
 # option: (env variable, default, quick default)
 _COUNTS: dict[str, tuple[str, float, float]] = {
-    "rounds": ("BENCH_ROUNDS", 9, 3),
+    "rounds": ("BENCH_ROUNDS", 15, 3),
     "requests": ("BENCH_REQUESTS", 250, 40),
     "nodb_requests": ("BENCH_NODB_REQUESTS", 2000, 200),
     "warmup": ("BENCH_WARMUP", 100, 20),
-    "overhead_pairs": ("BENCH_OVERHEAD_PAIRS", 60, 10),
+    "overhead_pairs": ("BENCH_OVERHEAD_PAIRS", 200, 10),
     "overhead_requests": ("BENCH_OVERHEAD_REQUESTS", 300, 100),
     "scaling_rounds": ("BENCH_SCALING_ROUNDS", 5, 2),
     "scaling_requests": ("BENCH_SCALING_REQUESTS", 200, 40),
     "rss_total": ("BENCH_RSS_TOTAL", 200_000, 20_000),
     "rss_checkpoint": ("BENCH_RSS_CHECKPOINT", 10_000, 2_000),
-    "e2e_duration": ("BENCH_E2E_DURATION", 6, 3),
-    "e2e_rounds": ("BENCH_E2E_ROUNDS", 2, 1),
+    "e2e_duration": ("BENCH_E2E_DURATION", 5, 3),
+    "e2e_rounds": ("BENCH_E2E_ROUNDS", 5, 1),
     "e2e_connections": ("BENCH_E2E_CONNECTIONS", 64, 64),
 }
 

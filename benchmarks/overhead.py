@@ -5,9 +5,9 @@ the next the same contender moves by ±5 % (thread hops, the PostgreSQL server o
 core), several times the 10 µs in question. Here sessionscope with metrics and logging on and
 off serve the same database route with nothing else in the way: an ``async def`` route that
 reads one row through the request's sync ``Session`` from an in-memory SQLite database behind
-an ordinary ``QueuePool``, so no thread hop, no socket and no file. The two apps alternate in pairs of batches (the order flips every pair), and the
-figure is the median over the pairs of on minus off, in CPU µs per request, with its
-interquartile range.
+an ordinary ``QueuePool``, so no thread hop, no socket and no file. The two apps alternate in
+pairs of batches (the order flips every pair), and the figure is the median over the pairs of
+on minus off, in CPU µs per request, with its interquartile range.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ _READ = select(items.c.id, items.c.name)
 class OverheadSettings:
     """How much to measure."""
 
-    pairs: int = 60
+    pairs: int = 200
     requests: int = 300
     """Requests per batch (each pair is one batch of each app)."""
     warmup: int = 200

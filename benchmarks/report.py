@@ -363,8 +363,9 @@ change `Depends(get_db)` sees in the same run.
 ## End to end
 
 uvicorn (1 worker) on loopback, PostgreSQL (psycopg, sync routes), {s.get("e2e_connections")}
-connections, {s.get("e2e_duration")} s per run after a warm-up, {s.get("e2e_rounds")} round(s);
-the median-rps round is shown.
+connections, {s.get("e2e_duration")} s per run after a warm-up, {s.get("e2e_rounds")} round(s),
+the contenders interleaved; requests/s, p50 and p99 are each the median over the rounds, errors
+the sum.
 
 {_e2e_table(results)}
 
@@ -385,8 +386,9 @@ def _overhead_section(results: Results) -> str:
         "A database request in the table above takes 0.7 to 1.3 ms and moves by about ±5 % from "
         "one batch to the next, several times the 10 µs target, so the on/off rows there cannot "
         "judge it. Here sessionscope on and off serve one database route with nothing else in "
-        "the way (an `async def` route reading one row through the request's sync `Session` on "
-        "a SQLite file: no thread hop, no socket), in "
+        "the way (an `async def` route reading one row through the request's sync `Session` "
+        "from an in-memory SQLite database behind a `QueuePool`: no thread hop, no socket, no "
+        "file), in "
         f"{len(paired.differences)} pairs of {paired.requests}-request batches, alternating. "
         f"On minus off, CPU µs per request: median {paired.median:+.1f}, quartiles "
         f"{q1:+.1f} to {q3:+.1f}; the request itself costs {paired.off_median:.0f} µs with "

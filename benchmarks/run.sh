@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make bench`: set up the benchmark venvs, then measure everything and write RESULTS.md.
 #
-#   bash benchmarks/run.sh            # the full run (about 10-15 minutes on 2 cores)
+#   bash benchmarks/run.sh            # the full run (about 15 minutes on 2 cores)
 #   bash benchmarks/run.sh --quick    # small counts everywhere
 #   bash benchmarks/run.sh --help     # every option (each has a BENCH_* env variable)
 #
