@@ -152,3 +152,32 @@ def _filtered_value(filtered: Any) -> float:
             if sample.name == "c_total":
                 return float(sample.value)
     return 0.0
+
+
+def test_session_opens_and_closes_counted_in_bulk_scrape_exactly_like_direct_updates(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from sessionscope import metrics as metrics_module
+
+    closes = [
+        ("/a", "commit", 0.004, 2, 0.0009),
+        ("/a", "rollback", 0.02, 1, None),
+        ("/b/{id}", "unused", 0.0001, 0, None),
+        ("/b/{id}", "commit", 61.0, 1000, 11.0),  # past the last finite buckets
+        ("/a", "commit", 0.005, 3, 0.001),  # exactly on bucket bounds
+        ("/task", "commit", 0.3, None, None),  # a per-task session: statements not counted
+    ]
+    scraped = []
+    for direct in (True, False):
+        monkeypatch.setattr(metrics_module, "multiprocess_mode", lambda direct=direct: direct)
+        registry = CollectorRegistry()
+        db = metrics_module.Metrics.on(registry).for_db("default")
+        assert db.sessions.direct is direct
+        for _ in range(7):
+            db.sessions.opened()
+        for route, outcome, seconds, statements, commit in closes:
+            db.sessions.closed(db.route(route).sessions, outcome, seconds, statements, commit)
+        scraped.append(exposition(registry))
+    assert scraped[0] == scraped[1]
+    assert 'db_sessions_open{db="default"} 1.0' in scraped[1]
+    assert 'db_statements_total{db="default",route="/a"} 6.0' in scraped[1]

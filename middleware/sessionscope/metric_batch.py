@@ -75,7 +75,7 @@ class MetricBatch:
         """Write every update to its child at once (multiprocess mode)."""
         self.lock = threading.Lock()
         """Held for each pending update (and to take them for a flush): uncontended, cheap."""
-        self.dirty: list[_Pending] = []
+        self.dirty: list[Pending] = []
         """The pending objects updated since the last flush."""
         self.flush_at = perf_counter() + interval
         """When the request path flushes next (``perf_counter()`` time)."""
@@ -86,13 +86,13 @@ class MetricBatch:
         """What to update instead of the counter or gauge child ``child``."""
         if self.immediate:
             return _DirectCounter(self, child)
-        return _PendingCounter(self, child)
+        return PendingCounter(self, child)
 
     def histogram(self, child: Any) -> Observing:
         """What to update instead of the histogram child ``child``."""
-        if self.immediate or not _bulk_writable(child):
+        if self.immediate or not bulk_writable(child):
             return _DirectHistogram(self, child)
-        return _PendingHistogram(self, child)
+        return PendingHistogram(self, child)
 
     def flush_due(self, now: float) -> None:
         """Flush if the last flush is more than the interval before ``now``."""
@@ -116,7 +116,10 @@ class MetricBatch:
         registry.register(_FlushOnCollect(self))
 
 
-class _Pending:
+class Pending:
+    """Updates waiting for a flush. Whoever updates one, holding the batch's lock, sets
+    ``is_dirty`` and appends it to ``batch.dirty`` if it was not dirty yet."""
+
     __slots__ = ("batch", "child", "is_dirty")
 
     def __init__(self, batch: MetricBatch, child: Any) -> None:
@@ -133,7 +136,7 @@ class _Pending:
         raise NotImplementedError
 
 
-class _PendingCounter(_Pending):
+class PendingCounter(Pending):
     __slots__ = ("delta",)
 
     def __init__(self, batch: MetricBatch, child: Any) -> None:
@@ -163,7 +166,7 @@ class _PendingCounter(_Pending):
             self.child.inc(update)
 
 
-class _PendingHistogram(_Pending):
+class PendingHistogram(Pending):
     __slots__ = ("bounds", "counts", "total")
 
     def __init__(self, batch: MetricBatch, child: Any) -> None:
@@ -190,12 +193,7 @@ class _PendingHistogram(_Pending):
         return counts, total
 
     def write(self, update: tuple[list[int], float]) -> None:
-        counts, total = update
-        child = self.child
-        child._sum.inc(total)
-        for bucket, count in zip(child._buckets, counts, strict=True):
-            if count:
-                bucket.inc(count)
+        write_histogram(self.child, *update)
 
 
 class _DirectCounter:
@@ -233,7 +231,15 @@ class _DirectHistogram:
         self.child.observe(amount)
 
 
-def _bulk_writable(child: Any) -> bool:
+def write_histogram(child: Any, counts: list[int], total: float) -> None:
+    """Add ``counts`` observations per bucket, summing to ``total``, to a histogram child."""
+    child._sum.inc(total)
+    for bucket, count in zip(child._buckets, counts, strict=True):
+        if count:
+            bucket.inc(count)
+
+
+def bulk_writable(child: Any) -> bool:
     """Whether ``child`` is a histogram child whose buckets can be written in bulk."""
     bounds = getattr(child, "_upper_bounds", None)
     buckets = getattr(child, "_buckets", None)

@@ -17,7 +17,8 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 
 from . import catalogue as cat
 from . import outcome as oc
-from .metric_batch import Counting, MetricBatch, Observing, multiprocess_mode
+from .metric_batch import MetricBatch, multiprocess_mode
+from .session_totals import RouteTotals, SessionTotals
 
 OTHER_ROUTE: Final = "__other__"
 """The route label of routes beyond the cap on distinct routes."""
@@ -70,21 +71,17 @@ class Metrics:
 class RouteMetrics:
     """The per-route children of one database."""
 
-    __slots__ = (
-        "closed",
-        "held",
-        "leaks_detected",
-        "leaks_resolved",
-        "statements",
-        "use_after_close",
-    )
+    __slots__ = ("leaks_detected", "leaks_resolved", "sessions", "use_after_close")
 
     def __init__(self, metrics: Metrics, db: str, route: str) -> None:
-        batch = metrics.batch
         closed = metrics[cat.SESSIONS_CLOSED]
-        self.closed = {o: batch.counter(closed.labels(db, route, o)) for o in oc.OUTCOMES}
-        self.held = batch.counter(metrics[cat.SESSION_HELD].labels(db, route))
-        self.statements = batch.counter(metrics[cat.STATEMENTS].labels(db, route))
+        self.sessions = RouteTotals(
+            metrics.batch,
+            {o: closed.labels(db, route, o) for o in oc.OUTCOMES},
+            metrics[cat.SESSION_HELD].labels(db, route),
+            metrics[cat.STATEMENTS].labels(db, route),
+        )
+        """Closed sessions, seconds held and statements, updated by :class:`SessionTotals`."""
         self.leaks_detected = metrics[cat.SESSION_LEAKS_DETECTED].labels(db, route)
         self.leaks_resolved = metrics[cat.SESSION_LEAKS_RESOLVED].labels(db, route)
         self.use_after_close = metrics[cat.SESSION_USE_AFTER_CLOSE].labels(db, route)
@@ -98,17 +95,17 @@ class DbMetrics:
         self.db = db
         self.max_routes = max_routes
         self.batch = batch = metrics.batch
-        self.open: Counting = batch.counter(metrics[cat.SESSIONS_OPEN].labels(db))
         duration = metrics[cat.SESSION_DURATION]
-        self.duration = {o: batch.histogram(duration.labels(db, o)) for o in oc.OUTCOMES}
+        self.sessions = SessionTotals(
+            batch,
+            open_gauge=metrics[cat.SESSIONS_OPEN].labels(db),
+            duration={o: duration.labels(db, o) for o in oc.OUTCOMES},
+            statements=metrics[cat.SESSION_STATEMENTS].labels(db),
+            commit=metrics[cat.SESSION_COMMIT_DURATION].labels(db),
+        )
+        """Sessions open, and the duration, statement and commit histograms."""
         rollbacks = metrics[cat.SESSION_ROLLBACKS]
         self.rollbacks = {r: batch.counter(rollbacks.labels(db, r)) for r in oc.ROLLBACK_REASONS}
-        self.commit_duration: Observing = batch.histogram(
-            metrics[cat.SESSION_COMMIT_DURATION].labels(db)
-        )
-        self.statements_per_session: Observing = batch.histogram(
-            metrics[cat.SESSION_STATEMENTS].labels(db)
-        )
         errors = metrics[cat.SESSION_ERRORS]
         self.errors = {(p, t): errors.labels(db, p, t) for p in oc.PHASES for t in cat.ERROR_TYPES}
         self.leak_suspected = metrics[cat.SESSIONS_LEAK_SUSPECTED].labels(db)

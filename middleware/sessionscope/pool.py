@@ -185,6 +185,7 @@ class PoolInstruments:
         original: Callable[[], PoolProxiedConnection] = pool.connect
         pending = self._pending
         wait = self._wait
+        lock = self.metrics.batch.lock
         checkout_key = self._checkout_key
 
         idle = getattr(pool, "checkedin", None)
@@ -208,7 +209,8 @@ class PoolInstruments:
                 if may_wait:
                     pending.dec()
             checked_out = perf_counter()
-            wait.observe(checked_out - start)
+            with lock:
+                wait.observe_held(checked_out - start)
             # Where a checkout listener would note it, without paying for an event dispatch.
             connection.info[checkout_key] = checked_out  # the record's info, as events see it
             return connection
@@ -257,7 +259,9 @@ class PoolInstruments:
     def _on_checkin(self, dbapi_connection: Any, record: Any) -> None:
         started = record.info.pop(self._checkout_key, None)
         if started is not None:
-            self._use.observe(perf_counter() - started)
+            seconds = perf_counter() - started
+            with self.metrics.batch.lock:
+                self._use.observe_held(seconds)
 
     def _on_close(self, dbapi_connection: Any, record: Any) -> None:
         self._closed.inc()

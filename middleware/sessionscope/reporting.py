@@ -9,6 +9,7 @@ connection URLs are never logged.
 
 from __future__ import annotations
 
+import math
 import traceback
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, Final
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
 
 LOGGER_NAME: Final = "sessionscope"
 LEVELS: Final = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+LEVEL_RECHECK: Final = 1.0
+"""Seconds for which the answer "is the closed event's level enabled?" is reused."""
 
 
 class Reporter:
@@ -49,6 +52,8 @@ class Reporter:
         self.spans: SessionSpans | None = None
         self._log: Any = structlog.get_logger(LOGGER_NAME)
         self._closed_level = None if closed_level is None else LEVELS[closed_level]
+        self._closed_enabled = False
+        self._closed_checked_until = -math.inf
         self._correlation = correlation_id_source()
 
     def fields(self, rs: RequestSession) -> dict[str, Any]:
@@ -68,25 +73,20 @@ class Reporter:
         if self.spans is not None:
             rs.span = self.spans.start(self.name)
         if self.metrics is not None:
-            self.metrics.open.inc()
+            self.metrics.sessions.opened()
         if self.leaks is not None:
             self.leaks.add(rs)
 
     def task_opened(self) -> None:
         """A per-task session (``sessionscope.tasks``) was created."""
         if self.metrics is not None:
-            self.metrics.open.inc()
+            self.metrics.sessions.opened()
 
     def task_closed(self, route: str, outcome: str, seconds: float) -> None:
         """A per-task session closed: counted like a request session of ``route``."""
         metrics = self.metrics
         if metrics is not None:
-            per_route = metrics.route(route)
-            with metrics.batch.lock:
-                per_route.closed[outcome].inc_held(1)
-                per_route.held.inc_held(seconds)
-                metrics.duration[outcome].observe_held(seconds)
-                metrics.open.inc_held(-1)
+            metrics.sessions.closed(metrics.route(route).sessions, outcome, seconds, None, None)
 
     def rolled_back(self, rs: RequestSession, reason: str) -> None:
         """A transaction of the request was rolled back for ``reason``."""
@@ -189,22 +189,15 @@ class Reporter:
         metrics = self.metrics
         route = route_template(rs.scope)
         if metrics is not None:
-            outcome = rs.outcome or "unused"
-            per_route = metrics.route(route)
-            statements = rs.statements
-            batch = metrics.batch
-            with batch.lock:  # once for all of them
-                per_route.closed[outcome].inc_held(1)
-                per_route.held.inc_held(duration)
-                if statements:
-                    per_route.statements.inc_held(statements)
-                metrics.duration[outcome].observe_held(duration)
-                metrics.statements_per_session.observe_held(statements)
-                if rs.commit_seconds is not None:
-                    metrics.commit_duration.observe_held(rs.commit_seconds)
-                metrics.open.inc_held(-1)
-            if rs.closed_at >= batch.flush_at:
-                batch.flush()
+            metrics.sessions.closed(
+                metrics.route(route).sessions,
+                rs.outcome or "unused",
+                duration,
+                rs.statements,
+                rs.commit_seconds,
+            )
+            if rs.closed_at >= metrics.batch.flush_at:
+                metrics.batch.flush()
         if self.leaks is not None:
             entry = self.leaks.remove(rs)
             if entry is not None and entry.flagged:
@@ -214,7 +207,12 @@ class Reporter:
                     "db_session.leak_resolved", held_s=round(duration, 3), **self.fields(rs)
                 )
         level = self._closed_level
-        if level is not None and self._enabled(level):
+        if level is not None and rs.closed_at >= self._closed_checked_until:
+            # Asking structlog costs more than the rest of a close; levels rarely change, so
+            # the answer is reused for a second.
+            self._closed_enabled = self._enabled(level)
+            self._closed_checked_until = rs.closed_at + LEVEL_RECHECK
+        if level is not None and self._closed_enabled:
             self._log.log(
                 level,
                 "db_session.closed",
