@@ -56,13 +56,13 @@ def test_batched_histograms_counters_and_gauges_scrape_exactly_like_direct_updat
         h_batched.observe(v)
         c_batched.inc(abs(v))
         g_batched.inc(v)
-    gauges[0].dec(3)
-    g_batched.dec(3)
+    gauges[0].inc(-3)
+    g_batched.inc(-3)
+    c_direct.inc(2)
+    c_batched.inc(2)
+    h_direct.observe(0.002)
     with batch.lock:
-        h_direct.observe(0.002)
         h_batched.observe_held(0.002)
-        c_direct.inc(2)
-        c_batched.inc_held(2)
 
     assert exposition(registry) == exposition(direct)
     assert 'h_seconds_bucket{db="a",le="+Inf"} 13.0' in exposition(registry)
@@ -124,8 +124,8 @@ def test_in_multiprocess_mode_every_update_is_written_at_once() -> None:
     histogram = batch.histogram(Histogram("h", "h", buckets=BUCKETS, registry=registry))
     counter.inc()
     histogram.observe(0.3)
+    counter.inc()
     with batch.lock:
-        counter.inc_held(1)
         histogram.observe_held(0.3)
     assert registry.get_sample_value("c_total") == 2.0
     assert registry.get_sample_value("h_count") == 2.0

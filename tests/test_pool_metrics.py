@@ -11,7 +11,6 @@ import gc
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -36,10 +35,10 @@ from sessionscope import DBSessionMiddleware
 from sessionscope.metrics import Metrics
 from sessionscope.pool import PoolInstruments, instrument_pool
 
+from .prometheus_tools import promtool
 from .support import Backend, Exchange, backend_for, driver_url, postgres_url, request
 
 DB = "main"
-REQUIRE_PROMETHEUS_ENV = "SESSIONSCOPE_REQUIRE_PROMETHEUS"
 POOL_EVENTS = (
     "connect",
     "checkout",
@@ -783,11 +782,7 @@ def test_multiprocess_mode_is_detected_and_its_files_hold_the_pool_metrics(
 def test_the_exposition_passes_promtool_check_metrics(
     engines: Callable[..., Engine], registry: CollectorRegistry
 ) -> None:
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        if os.environ.get(REQUIRE_PROMETHEUS_ENV) == "1":
-            pytest.fail(f"{REQUIRE_PROMETHEUS_ENV}=1 but promtool is not on PATH")
-        pytest.skip("promtool (from Prometheus) is not on PATH")
+    tool = promtool()
     metrics = Metrics.on(registry)
     engine = engines(pool_size=1, max_overflow=0, pool_timeout=0.05)
     instrument_pool(engine, metrics, DB)
@@ -801,7 +796,7 @@ def test_the_exposition_passes_promtool_check_metrics(
     exposition = generate_latest(registry)
     assert b'db_pool_connections_max{db="unbounded"} +Inf' in exposition
     checked = subprocess.run(
-        [promtool, "check", "metrics"],
+        [tool, "check", "metrics"],
         input=exposition,
         capture_output=True,
         timeout=60,

@@ -46,12 +46,6 @@ class Counting(Protocol):
     def inc(self, amount: float = 1) -> None:
         """Add ``amount``."""
 
-    def dec(self, amount: float = 1) -> None:
-        """Subtract ``amount`` (gauges only)."""
-
-    def inc_held(self, amount: float) -> None:
-        """Add ``amount``; the caller holds the batch's ``lock``."""
-
 
 class Observing(Protocol):
     """A histogram child as the request path updates it."""
@@ -66,8 +60,8 @@ class Observing(Protocol):
 class MetricBatch:
     """Pending updates of prometheus_client children; :meth:`flush` writes them.
 
-    Several updates made together take the lock once: ``with batch.lock:`` and the ``*_held``
-    methods.
+    Several updates made together take the lock once: ``with batch.lock:`` and
+    ``observe_held``, or an aggregate of its own (:class:`Pending`).
     """
 
     def __init__(self, *, immediate: bool = False, interval: float = FLUSH_INTERVAL) -> None:
@@ -85,13 +79,13 @@ class MetricBatch:
     def counter(self, child: Any) -> Counting:
         """What to update instead of the counter or gauge child ``child``."""
         if self.immediate:
-            return _DirectCounter(self, child)
+            return child  # type: ignore[no-any-return]
         return PendingCounter(self, child)
 
     def histogram(self, child: Any) -> Observing:
         """What to update instead of the histogram child ``child``."""
         if self.immediate or not bulk_writable(child):
-            return _DirectHistogram(self, child)
+            return _DirectHistogram(child)
         return PendingHistogram(self, child)
 
     def flush_due(self, now: float) -> None:
@@ -120,11 +114,10 @@ class Pending:
     """Updates waiting for a flush. Whoever updates one, holding the batch's lock, sets
     ``is_dirty`` and appends it to ``batch.dirty`` if it was not dirty yet."""
 
-    __slots__ = ("batch", "child", "is_dirty")
+    __slots__ = ("batch", "is_dirty")
 
-    def __init__(self, batch: MetricBatch, child: Any) -> None:
+    def __init__(self, batch: MetricBatch) -> None:
         self.batch = batch
-        self.child = child
         self.is_dirty = False
 
     def take(self) -> Any:
@@ -132,30 +125,25 @@ class Pending:
         raise NotImplementedError
 
     def write(self, update: Any) -> None:
-        """Write an update taken by :meth:`take` to the child."""
+        """Write an update taken by :meth:`take` to the children."""
         raise NotImplementedError
 
 
 class PendingCounter(Pending):
-    __slots__ = ("delta",)
+    __slots__ = ("child", "delta")
 
     def __init__(self, batch: MetricBatch, child: Any) -> None:
-        super().__init__(batch, child)
+        super().__init__(batch)
+        self.child = child
         self.delta = 0.0
 
     def inc(self, amount: float = 1) -> None:
-        with self.batch.lock:
-            self.inc_held(amount)
-
-    def dec(self, amount: float = 1) -> None:
-        with self.batch.lock:
-            self.inc_held(-amount)
-
-    def inc_held(self, amount: float) -> None:
-        self.delta += amount
-        if not self.is_dirty:
-            self.is_dirty = True
-            self.batch.dirty.append(self)
+        batch = self.batch
+        with batch.lock:
+            self.delta += amount
+            if not self.is_dirty:
+                self.is_dirty = True
+                batch.dirty.append(self)
 
     def take(self) -> float:
         delta, self.delta, self.is_dirty = self.delta, 0.0, False
@@ -167,10 +155,11 @@ class PendingCounter(Pending):
 
 
 class PendingHistogram(Pending):
-    __slots__ = ("bounds", "counts", "total")
+    __slots__ = ("bounds", "child", "counts", "total")
 
     def __init__(self, batch: MetricBatch, child: Any) -> None:
-        super().__init__(batch, child)
+        super().__init__(batch)
+        self.child = child
         self.bounds: list[float] = list(child._upper_bounds)
         self.counts = [0] * len(self.bounds)
         self.total = 0.0
@@ -196,32 +185,12 @@ class PendingHistogram(Pending):
         write_histogram(self.child, *update)
 
 
-class _DirectCounter:
-    """Writes through to the child (multiprocess mode)."""
-
-    __slots__ = ("batch", "child")
-
-    def __init__(self, batch: MetricBatch, child: Any) -> None:
-        self.batch = batch
-        self.child = child
-
-    def inc(self, amount: float = 1) -> None:
-        self.child.inc(amount)
-
-    def dec(self, amount: float = 1) -> None:
-        self.child.inc(-amount)
-
-    def inc_held(self, amount: float) -> None:
-        self.child.inc(amount)
-
-
 class _DirectHistogram:
     """Writes through to the child (multiprocess mode, or a histogram of another shape)."""
 
-    __slots__ = ("batch", "child")
+    __slots__ = ("child",)
 
-    def __init__(self, batch: MetricBatch, child: Any) -> None:
-        self.batch = batch
+    def __init__(self, child: Any) -> None:
         self.child = child
 
     def observe(self, amount: float) -> None:

@@ -43,7 +43,7 @@ class RouteTotals(Pending):
     def __init__(
         self, batch: MetricBatch, closed: dict[str, Any], held: Any, statements: Any
     ) -> None:
-        super().__init__(batch, None)
+        super().__init__(batch)
         self.outcome_children = closed
         self.held_child = held
         self.stmt_child = statements
@@ -82,7 +82,7 @@ class SessionTotals(Pending):
         statements: Any,
         commit: Any,
     ) -> None:
-        super().__init__(batch, None)
+        super().__init__(batch)
         histograms = [*duration.values(), statements, commit]
         self.direct = batch.immediate or not all(bulk_writable(h) for h in histograms)
         """Update the children at once (multiprocess mode, or histograms of another shape)."""
@@ -114,7 +114,16 @@ class SessionTotals(Pending):
         """A session of ``route`` closed; ``statements`` is ``None`` where they are not
         counted (per-task sessions), ``commit_seconds`` where nothing was committed."""
         if self.direct:
-            self._closed_directly(route, outcome, seconds, statements, commit_seconds)
+            route.outcome_children[outcome].inc()
+            route.held_child.inc(seconds)
+            self.duration[outcome].child.observe(seconds)
+            if statements is not None:
+                if statements:
+                    route.stmt_child.inc(statements)
+                self.statements.child.observe(statements)
+            if commit_seconds is not None:
+                self.commit.child.observe(commit_seconds)
+            self.open_child.dec()
             return
         batch = self.batch
         with batch.lock:
@@ -140,25 +149,6 @@ class SessionTotals(Pending):
             if not self.is_dirty:
                 self.is_dirty = True
                 batch.dirty.append(self)
-
-    def _closed_directly(
-        self,
-        route: RouteTotals,
-        outcome: str,
-        seconds: float,
-        statements: int | None,
-        commit_seconds: float | None,
-    ) -> None:
-        route.outcome_children[outcome].inc()
-        route.held_child.inc(seconds)
-        self.duration[outcome].child.observe(seconds)
-        if statements is not None:
-            if statements:
-                route.stmt_child.inc(statements)
-            self.statements.child.observe(statements)
-        if commit_seconds is not None:
-            self.commit.child.observe(commit_seconds)
-        self.open_child.dec()
 
     def take(self) -> tuple[int, list[tuple[Any, tuple[list[int], float]]]]:
         histograms = [*self.duration.values(), self.statements, self.commit]
