@@ -18,6 +18,7 @@ from pathlib import Path
 from . import contenders as c
 from .e2e import E2ESettings
 from .inprocess import RunSettings, run_inprocess
+from .instructions import InstructionSettings
 from .logging_setup import configure_production_logging
 from .machine import describe
 from .overhead import OverheadSettings
@@ -39,12 +40,13 @@ _COUNTS: dict[str, tuple[str, float, float]] = {
     "warmup": ("BENCH_WARMUP", 100, 20),
     "overhead_pairs": ("BENCH_OVERHEAD_PAIRS", 200, 10),
     "overhead_requests": ("BENCH_OVERHEAD_REQUESTS", 300, 100),
+    "instruction_requests": ("BENCH_INSTRUCTION_REQUESTS", 600, 120),
     "scaling_rounds": ("BENCH_SCALING_ROUNDS", 5, 2),
     "scaling_requests": ("BENCH_SCALING_REQUESTS", 200, 40),
     "rss_total": ("BENCH_RSS_TOTAL", 200_000, 20_000),
     "rss_checkpoint": ("BENCH_RSS_CHECKPOINT", 10_000, 2_000),
-    "e2e_duration": ("BENCH_E2E_DURATION", 5, 3),
-    "e2e_rounds": ("BENCH_E2E_ROUNDS", 5, 1),
+    "e2e_duration": ("BENCH_E2E_DURATION", 8, 3),
+    "e2e_rounds": ("BENCH_E2E_ROUNDS", 6, 1),
     "e2e_connections": ("BENCH_E2E_CONNECTIONS", 64, 64),
 }
 
@@ -139,6 +141,10 @@ def _all(args: argparse.Namespace, counts: dict[str, float]) -> None:
         ),
         overhead=OverheadSettings(
             pairs=int(counts["overhead_pairs"]), requests=int(counts["overhead_requests"])
+        ),
+        instructions=InstructionSettings(
+            short=int(counts["instruction_requests"]) // 6,
+            long=int(counts["instruction_requests"]),
         ),
         e2e=E2ESettings(
             duration=float(counts["e2e_duration"]),

@@ -78,7 +78,8 @@ def _engine(name: str) -> Any:
     return engine
 
 
-def _app(name: str, *, observed: bool) -> tuple[FastAPI, Any]:
+def build_app(name: str, *, observed: bool) -> tuple[FastAPI, Any]:
+    """The hop-free database route's app, sessionscope's metrics and logging on or off."""
     from prometheus_client import CollectorRegistry
 
     from sessionscope import DBSessionMiddleware
@@ -100,7 +101,8 @@ def _app(name: str, *, observed: bool) -> tuple[FastAPI, Any]:
     return app, engine
 
 
-async def _batch(driver: AsgiDriver, count: int, offset: int) -> float:
+async def run_requests(driver: AsgiDriver, count: int, offset: int) -> float:
+    """``count`` requests of the route; CPU µs per request."""
     started = process_time_ns()
     for i in range(offset, offset + count):
         status = await driver.request("GET", PATH.replace("{item_id}", str(item_id(i))))
@@ -113,13 +115,13 @@ async def measure_overhead(settings: OverheadSettings) -> OverheadResult | None:
     """Pairs of batches, sessionscope on and off; ``None`` if it cannot turn them off."""
     if not off_supported():
         return None
-    built = [_app(f"overhead_{observed}", observed=observed) for observed in (False, True)]
+    built = [build_app(f"overhead_{observed}", observed=observed) for observed in (False, True)]
     drivers = [AsgiDriver(app) for app, _ in built]
     result = OverheadResult(differences=[], off_cpu=[], requests=settings.requests)
     try:
         for driver in drivers:
             await driver.start()
-            await _batch(driver, settings.warmup, 0)
+            await run_requests(driver, settings.warmup, 0)
         gc.collect()
         gc.freeze()
         offset = 0
@@ -127,7 +129,7 @@ async def measure_overhead(settings: OverheadSettings) -> OverheadResult | None:
             cpu = [0.0, 0.0]
             for index in (0, 1) if pair % 2 == 0 else (1, 0):
                 gc.collect()
-                cpu[index] = await _batch(drivers[index], settings.requests, offset)
+                cpu[index] = await run_requests(drivers[index], settings.requests, offset)
                 offset += settings.requests
             result.differences.append(cpu[1] - cpu[0])
             result.off_cpu.append(cpu[0])

@@ -9,6 +9,7 @@ from typing import Any
 
 from .e2e import E2EMeasurement
 from .inprocess import Measurement
+from .instructions import InstructionResult
 from .overhead import OverheadResult
 from .rss import RssResult
 
@@ -30,6 +31,8 @@ class Results:
     rss: RssResult | None = None
     overhead: OverheadResult | None = None
     """Metrics and logging on minus off, paired, on a hop-free database route."""
+    instructions: InstructionResult | None = None
+    """The same route's instructions per request under callgrind, on and off."""
     e2e: list[E2EMeasurement] = field(default_factory=list)
     e2e_peer: str | None = None
     postgres_version: str | None = None

@@ -10,7 +10,8 @@
 # 0.8.x), made when one is found: BENCH_EXTRA_BASE_PYTHON, else python3.13 / python3.12 on
 # PATH, else a pyenv-installed 3.12+. PostgreSQL comes from BENCH_POSTGRES_URL (default postgresql://postgres@127.0.0.1:5432/test);
 # without it the asyncpg and end-to-end parts are skipped. The end-to-end load generator is
-# wrk when installed (Debian: apt-get install wrk), else a Python client.
+# wrk when installed (Debian: apt-get install wrk), else a Python client. The instruction count
+# of metrics and logging needs valgrind (Debian: apt-get install valgrind); without it, skipped.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."

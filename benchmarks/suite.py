@@ -15,6 +15,7 @@ from . import contenders as c
 from .database import postgres_available, postgres_urls, prepare
 from .e2e import E2ESettings, load_generator, run_e2e
 from .inprocess import RunSettings, run_inprocess
+from .instructions import InstructionSettings, available, measure_instructions
 from .machine import describe, postgres_version
 from .overhead import OverheadSettings, measure_overhead
 from .results import Results, load_measurements
@@ -33,6 +34,7 @@ class SuiteSettings:
     run: RunSettings
     scaling: ScalingSettings
     overhead: OverheadSettings
+    instructions: InstructionSettings
     e2e: E2ESettings
     rss_total: int
     rss_checkpoint: int
@@ -117,6 +119,14 @@ def run_suite(settings: SuiteSettings) -> Results:
         if "overhead" not in settings.skip:
             _log("metrics and logging: on vs off, paired")
             results.overhead = asyncio.run(measure_overhead(settings.overhead))
+            if available():
+                _log("metrics and logging: on vs off, instructions under callgrind")
+                results.instructions = measure_instructions(settings.instructions)
+            else:
+                results.notes.append(
+                    "Instruction counts skipped: valgrind is not installed "
+                    "(Debian: apt-get install valgrind)."
+                )
         if "scaling" not in settings.skip:
             scaled = [c.BY_KEY["get_db"], c.BY_KEY["ss_on"]]
             _log("scaling: routes")

@@ -8,6 +8,8 @@ the benchmark venv that ``make bench`` creates.
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,12 +19,21 @@ from benchmarks import contenders as c
 from benchmarks.database import remove_sqlite_pragmas
 from benchmarks.e2e import E2EMeasurement, LoadResult, parse_wrk
 from benchmarks.inprocess import Measurement, RunSettings, run_inprocess
+from benchmarks.instructions import InstructionResult
 from benchmarks.overhead import OverheadResult, OverheadSettings, measure_overhead
-from benchmarks.report import comparison_table, render, verdicts
+from benchmarks.report import (
+    comparison_table,
+    paired_e2e_ratios,
+    render,
+    scaling_shares,
+    verdicts,
+)
 from benchmarks.results import Results
 from benchmarks.rss import measure_rss
 from benchmarks.scaling import ScalingSettings, measure_open_sessions, measure_routes
 from benchmarks.scenarios import SCENARIOS
+
+REPO = Path(__file__).resolve().parent.parent
 
 LOCAL = [c.BY_KEY[k] for k in ("bare", "get_db", "get_db_fn", "ss_on", "ss_off")]
 TINY = RunSettings(rounds=2, requests=3, nodb_requests=3, warmup=2, collect=False)
@@ -108,3 +119,63 @@ def test_report_renders_with_every_part() -> None:
     assert "Depends(get_db)" in comparison_table(results)
     assert "## Targets" in text
     assert any(v.met for v in verdicts(results))
+
+
+def test_end_to_end_target_compares_each_round_with_the_baseline_of_the_same_round() -> None:
+    def runs(*figures: tuple[float, float]) -> list[LoadResult]:
+        return [LoadResult(rps=rps, p50_ms=p99 / 2, p99_ms=p99, errors=0) for rps, p99 in figures]
+
+    # The machine slows down in round 2: taken separately, sessionscope's median p99 (310 ms)
+    # is worse than get_db's (300 ms), yet it is ahead in two of the three rounds.
+    ours = E2EMeasurement("read", "ss_on", runs((210, 190), (105, 390), (150, 310)))
+    base = E2EMeasurement("read", "get_db", runs((200, 200), (100, 400), (150, 300)))
+    rps, p99 = paired_e2e_ratios(ours, base)
+    assert rps == pytest.approx([1.05, 1.05, 1.0])
+    assert p99 == pytest.approx([0.95, 0.975, 310 / 300])
+    results = Results(
+        machine={"nproc": 2, "cpu": "cpu", "os": "os", "python": "3", "packages": {}},
+        settings={"rounds": 1},
+        e2e=[ours, base],
+    )
+    (read,) = [v for v in verdicts(results) if v.target.startswith("end to end (read)")]
+    assert read.met is True
+    assert "p99 0.97x (0.95-1.03), p99 no worse in 2 of 3 rounds" in read.figures
+
+
+def test_scaling_share_subtracts_the_baselines_change_in_the_same_round() -> None:
+    # Round 2 runs 20 % slower for everybody; in both rounds sessionscope's change exceeds
+    # Depends(get_db)'s by 2 % of its own figure, and only that is its own share.
+    shares = scaling_shares([100, 120], [104, 124.8], [200, 240], [202, 242.4])
+    assert shares == pytest.approx([0.02, 0.02])
+
+
+def test_instruction_count_child_serves_the_route_with_metrics_on_and_off() -> None:
+    for mode in ("on", "off"):
+        done = subprocess.run(
+            [sys.executable, "-m", "benchmarks.instructions", mode, "5", "5"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize(("on", "met"), [(1_020_000, True), (1_030_000, False)])
+def test_on_off_verdict_takes_the_instruction_count_at_the_requests_own_rate(
+    on: int, met: bool
+) -> None:
+    counted = InstructionResult(off=1_000_000, on=on, requests=500)
+    results = Results(
+        machine={"nproc": 2, "cpu": "cpu", "os": "os", "python": "3", "packages": {}},
+        settings={"rounds": 1},
+        overhead=OverheadResult(differences=[4.0, 5.0, 6.0], off_cpu=[500.0], requests=9),
+        instructions=counted,
+        off_supported=True,
+    )
+    (verdict,) = [v for v in verdicts(results) if v.target.startswith("metrics+logging")]
+    # 2 % of a 500 µs request is 10 µs (met); 3 % is 15 µs, whatever the timing's median says.
+    assert verdict.met is met
+    assert f"≈ +{counted.estimate_us(500):.1f} µs" in verdict.figures
+    assert "instructions per request off" in render(results)
