@@ -5,7 +5,8 @@ its quartiles lie tens of µs apart. An instruction count does not move with the
 here the same hop-free route (:func:`benchmarks.overhead.build_app`) runs under valgrind's
 callgrind, metrics and logging on and off, each for a short and a long batch in a process of its
 own; the difference between the two batches' totals, divided by the difference in requests, is
-what one request executes, with start-up and warm-up cancelled out.
+what one request executes, with start-up and warm-up cancelled out. A hash seed's dict layouts
+move that figure by about 1 %, so it is counted under several seeds and averaged.
 
 Held still for the count: garbage collection (frozen, then disabled after the warm-up, so a
 collection landing in one batch and not the other does not count as the request's), and the
@@ -21,11 +22,14 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,26 +39,46 @@ _COLLECTED = re.compile(r"Collected\s*:\s*(\d+)")
 
 @dataclass(frozen=True)
 class InstructionSettings:
-    """Requests in the short and the long batch."""
+    """Requests in the short and the long batch, and the hash seeds to count under."""
 
     short: int = 100
     long: int = 600
     warmup: int = 300
+    seeds: int = 5
+    """``PYTHONHASHSEED`` 0, 1, ...: one seed's dict layouts move a request's count by ~1 %
+    (±12,000 instructions here), as much as the difference in question, so each seed counts
+    on and off and the mean is taken."""
 
 
 @dataclass(frozen=True)
 class InstructionResult:
-    """Instructions per request of the hop-free database route, metrics and logging off/on."""
+    """Instructions per request of the hop-free database route, metrics and logging off/on,
+    one figure per hash seed."""
 
-    off: float
-    on: float
+    off_counts: list[float]
+    on_counts: list[float]
     requests: int
     """The difference in requests between the long and the short batch."""
 
     @property
+    def off(self) -> float:
+        """Mean instructions per request, off."""
+        return statistics.fmean(self.off_counts)
+
+    @property
+    def on(self) -> float:
+        """Mean instructions per request, on."""
+        return statistics.fmean(self.on_counts)
+
+    @property
     def difference(self) -> float:
-        """On minus off, instructions per request."""
+        """On minus off, instructions per request (means over the seeds)."""
         return self.on - self.off
+
+    @property
+    def differences(self) -> list[float]:
+        """On minus off under each seed."""
+        return [on - off for on, off in zip(self.on_counts, self.off_counts, strict=True)]
 
     def estimate_us(self, off_cpu_us: float) -> float:
         """The difference as µs, at the request's own rate of instructions per µs (its CPU
@@ -67,15 +91,16 @@ def available() -> bool:
     return shutil.which("valgrind") is not None
 
 
-def _count(observed: bool, requests: int, settings: InstructionSettings) -> int:
+def _count(observed: bool, requests: int, seed: int, settings: InstructionSettings) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-callgrind-") as tmp:
         command = [
             "valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/out",
             sys.executable, "-m", "benchmarks.instructions",
             "on" if observed else "off", str(requests), str(settings.warmup),
         ]  # fmt: skip
+        env = {**os.environ, "PYTHONHASHSEED": str(seed)}
         done = subprocess.run(
-            command, cwd=REPO, capture_output=True, text=True, check=False, timeout=1800
+            command, cwd=REPO, env=env, capture_output=True, text=True, check=False, timeout=1800
         )
     found = _COLLECTED.search(done.stderr)
     if done.returncode != 0 or found is None:
@@ -84,16 +109,31 @@ def _count(observed: bool, requests: int, settings: InstructionSettings) -> int:
 
 
 def measure_instructions(settings: InstructionSettings) -> InstructionResult | None:
-    """Instructions per request, on and off; ``None`` without valgrind."""
+    """Instructions per request, on and off, under each seed; ``None`` without valgrind.
+
+    The runs are single-threaded processes: as many run at once as there are cores.
+    """
     if not available():
         return None
-    per_request = {}
-    for observed in (False, True):
-        short = _count(observed, settings.short, settings)
-        long = _count(observed, settings.long, settings)
-        per_request[observed] = (long - short) / (settings.long - settings.short)
+    runs = [
+        (observed, seed, requests)
+        for seed in range(settings.seeds)
+        for observed in (False, True)
+        for requests in (settings.short, settings.long)
+    ]
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        totals = dict(zip(runs, pool.map(lambda run: _count(*run, settings), runs), strict=True))
+    span = settings.long - settings.short
+
+    def per_request(observed: bool, seed: int) -> float:
+        long, short = totals[observed, seed, settings.long], totals[observed, seed, settings.short]
+        return (long - short) / span
+
+    seeds = range(settings.seeds)
     return InstructionResult(
-        off=per_request[False], on=per_request[True], requests=settings.long - settings.short
+        off_counts=[per_request(False, seed) for seed in seeds],
+        on_counts=[per_request(True, seed) for seed in seeds],
+        requests=span,
     )
 
 

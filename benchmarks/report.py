@@ -448,10 +448,13 @@ def _instructions_text(results: Results) -> str:
         return ""
     return (
         "\n\nCounted with callgrind on the same route (a short and a long batch in separate "
-        f"processes, {counted.requests} requests apart; garbage collection and the "
-        "once-a-second work held still, see `benchmarks/instructions.py`): "
-        f"{counted.off:,.0f} instructions per request off, {counted.on:,.0f} on, "
-        f"{counted.difference:+,.0f} ({counted.difference / counted.off:+.1%}). The target's "
+        f"processes, {counted.requests} requests apart, under {len(counted.differences)} hash "
+        "seeds; garbage collection and the once-a-second work held still, see "
+        "`benchmarks/instructions.py`): "
+        f"{counted.off:,.0f} instructions per request off, {counted.on:,.0f} on (means over "
+        f"the seeds), {counted.difference:+,.0f} ({counted.difference / counted.off:+.1%}; "
+        f"per seed {min(counted.differences):+,.0f} to {max(counted.differences):+,.0f}). "
+        "The target's "
         "verdict takes this count at the request's own rate of instructions per µs, since the "
         "timing's quartiles are wider than the target."
     )

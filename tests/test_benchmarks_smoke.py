@@ -166,7 +166,9 @@ def test_instruction_count_child_serves_the_route_with_metrics_on_and_off() -> N
 def test_on_off_verdict_takes_the_instruction_count_at_the_requests_own_rate(
     on: int, met: bool
 ) -> None:
-    counted = InstructionResult(off=1_000_000, on=on, requests=500)
+    counted = InstructionResult(
+        off_counts=[990_000, 1_010_000], on_counts=[on - 10_000, on + 10_000], requests=500
+    )
     results = Results(
         machine={"nproc": 2, "cpu": "cpu", "os": "os", "python": "3", "packages": {}},
         settings={"rounds": 1},
