@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import contenders as c
+from benchmarks import instructions
 from benchmarks.database import remove_sqlite_pragmas
 from benchmarks.e2e import E2EMeasurement, LoadResult, parse_wrk
 from benchmarks.inprocess import Measurement, RunSettings, run_inprocess
@@ -181,3 +182,23 @@ def test_on_off_verdict_takes_the_instruction_count_at_the_requests_own_rate(
     assert verdict.met is met
     assert f"≈ +{counted.estimate_us(500):.1f} µs" in verdict.figures
     assert "instructions per request off" in render(results)
+
+
+def test_instruction_counts_subtract_the_short_batch_from_the_long_one_under_each_seed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A fake callgrind: start-up costs 10**9, a request 1,000 (off) or 1,050 (on) plus the seed.
+    def fake_count(observed: bool, seed: int, requests: int, settings: object) -> int:
+        assert requests in (10, 70)
+        return 10**9 + requests * (1_050 if observed else 1_000) + requests * seed
+
+    monkeypatch.setattr(instructions, "available", lambda: True)
+    monkeypatch.setattr(instructions, "_count", fake_count)
+    counted = instructions.measure_instructions(
+        instructions.InstructionSettings(short=10, long=70, seeds=2)
+    )
+    assert counted is not None
+    assert counted.off_counts == [1_000, 1_001]
+    assert counted.on_counts == [1_050, 1_051]
+    assert counted.differences == [50, 50]
+    assert counted.requests == 60
