@@ -41,6 +41,7 @@ _COUNTS: dict[str, tuple[str, float, float]] = {
     "overhead_pairs": ("BENCH_OVERHEAD_PAIRS", 200, 10),
     "overhead_requests": ("BENCH_OVERHEAD_REQUESTS", 300, 100),
     "instruction_requests": ("BENCH_INSTRUCTION_REQUESTS", 600, 120),
+    "instruction_seeds": ("BENCH_INSTRUCTION_SEEDS", 3, 1),
     "scaling_rounds": ("BENCH_SCALING_ROUNDS", 5, 2),
     "scaling_requests": ("BENCH_SCALING_REQUESTS", 200, 40),
     "rss_total": ("BENCH_RSS_TOTAL", 200_000, 20_000),
@@ -75,7 +76,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--skip",
         default=os.environ.get("BENCH_SKIP", ""),
-        help="comma-separated parts to skip: extra, overhead, scaling, rss, e2e (env BENCH_SKIP)",
+        help=(
+            "comma-separated parts to skip: extra, overhead, instructions, scaling, rss, e2e "
+            "(env BENCH_SKIP)"
+        ),
     )
     parser.add_argument("--contenders", help="inprocess: comma-separated contender keys")
     parser.add_argument("--scenarios", help="inprocess: comma-separated scenario keys")
@@ -145,6 +149,7 @@ def _all(args: argparse.Namespace, counts: dict[str, float]) -> None:
         instructions=InstructionSettings(
             short=int(counts["instruction_requests"]) // 6,
             long=int(counts["instruction_requests"]),
+            seeds=int(counts["instruction_seeds"]),
         ),
         e2e=E2ESettings(
             duration=float(counts["e2e_duration"]),

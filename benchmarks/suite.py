@@ -119,6 +119,7 @@ def run_suite(settings: SuiteSettings) -> Results:
         if "overhead" not in settings.skip:
             _log("metrics and logging: on vs off, paired")
             results.overhead = asyncio.run(measure_overhead(settings.overhead))
+        if "instructions" not in settings.skip:
             if available():
                 _log("metrics and logging: on vs off, instructions under callgrind")
                 results.instructions = measure_instructions(settings.instructions)

@@ -154,35 +154,54 @@ class PendingCounter(Pending):
             self.child.inc(update)
 
 
-class PendingHistogram(Pending):
+class Buckets:
+    """Pending observations of one histogram child: counts per bucket and their sum.
+
+    An observation of ``value`` adds 1 to ``counts[bisect_left(bounds, value)]`` (the first
+    bucket whose upper bound is >= the value, as prometheus_client's own ``observe()``) and
+    ``value`` to ``total``; callers do it inline, holding the batch's lock.
+    """
+
     __slots__ = ("bounds", "child", "counts", "total")
 
-    def __init__(self, batch: MetricBatch, child: Any) -> None:
-        super().__init__(batch)
+    def __init__(self, child: Any) -> None:
         self.child = child
         self.bounds: list[float] = list(child._upper_bounds)
         self.counts = [0] * len(self.bounds)
         self.total = 0.0
+
+    def take(self) -> tuple[list[int], float]:
+        """The pending observations, reset to none."""
+        taken = self.counts, self.total
+        self.counts, self.total = [0] * len(self.bounds), 0.0
+        return taken
+
+
+class PendingHistogram(Pending):
+    __slots__ = ("buckets",)
+
+    def __init__(self, batch: MetricBatch, child: Any) -> None:
+        super().__init__(batch)
+        self.buckets = Buckets(child)
 
     def observe(self, amount: float) -> None:
         with self.batch.lock:
             self.observe_held(amount)
 
     def observe_held(self, amount: float) -> None:
-        # The first bucket whose upper bound is >= amount, as prometheus_client's own observe().
-        self.counts[bisect_left(self.bounds, amount)] += 1
-        self.total += amount
+        buckets = self.buckets
+        buckets.counts[bisect_left(buckets.bounds, amount)] += 1
+        buckets.total += amount
         if not self.is_dirty:
             self.is_dirty = True
             self.batch.dirty.append(self)
 
     def take(self) -> tuple[list[int], float]:
-        counts, total = self.counts, self.total
-        self.counts, self.total, self.is_dirty = [0] * len(self.bounds), 0.0, False
-        return counts, total
+        self.is_dirty = False
+        return self.buckets.take()
 
     def write(self, update: tuple[list[int], float]) -> None:
-        write_histogram(self.child, *update)
+        write_histogram(self.buckets.child, *update)
 
 
 class _DirectHistogram:

@@ -15,24 +15,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from typing import Any
 
-from .metric_batch import MetricBatch, Pending, bulk_writable, write_histogram
-
-
-class _Buckets:
-    """Pending observations of one histogram child: counts per bucket and their sum."""
-
-    __slots__ = ("bounds", "child", "counts", "total")
-
-    def __init__(self, child: Any) -> None:
-        self.child = child
-        self.bounds: list[float] = list(child._upper_bounds)
-        self.counts = [0] * len(self.bounds)
-        self.total = 0.0
-
-    def take(self) -> tuple[list[int], float]:
-        taken = self.counts, self.total
-        self.counts, self.total = [0] * len(self.bounds), 0.0
-        return taken
+from .metric_batch import Buckets, MetricBatch, Pending, bulk_writable, write_histogram
 
 
 class RouteTotals(Pending):
@@ -88,9 +71,9 @@ class SessionTotals(Pending):
         """Update the children at once (multiprocess mode, or histograms of another shape)."""
         self.open_child = open_gauge
         self.open = 0
-        self.duration = {outcome: _Buckets(child) for outcome, child in duration.items()}
-        self.statements = _Buckets(statements)
-        self.commit = _Buckets(commit)
+        self.duration = {outcome: Buckets(child) for outcome, child in duration.items()}
+        self.statements = Buckets(statements)
+        self.commit = Buckets(commit)
 
     def opened(self) -> None:
         """A session was created."""
@@ -132,7 +115,7 @@ class SessionTotals(Pending):
             if not route.is_dirty:
                 route.is_dirty = True
                 batch.dirty.append(route)
-            # The first bucket whose upper bound is >= the value, as prometheus_client's own.
+            # Inline observations (see Buckets): a call each would cost more than the update.
             buckets = self.duration[outcome]
             buckets.counts[bisect_left(buckets.bounds, seconds)] += 1
             buckets.total += seconds
