@@ -217,7 +217,8 @@ class DBSessionMiddleware:
                 raise clear from exc
             raise
         else:
-            await rs.finish(None)
+            if not rs.withdraw():  # inline for the many requests that never open their session
+                await rs.close(None)
         finally:
             rs.deactivate()
 

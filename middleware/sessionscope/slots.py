@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import weakref
 from collections import deque
 
 import anyio
@@ -112,15 +111,17 @@ class LoopSlots:
 class SessionSlots:
     """At most ``capacity`` request sessions of one engine at a time, per event loop."""
 
-    __slots__ = ("_here", "_last", "capacity", "timeout")
+    __slots__ = ("_here", "_last_loop", "_last_slots", "capacity", "timeout")
 
     def __init__(self, capacity: int, timeout: float, name: str) -> None:
         self.capacity = capacity
         self.timeout = timeout
         self._here: RunVar[LoopSlots] = RunVar(f"sessionscope_slots_{name}")
-        self._last: tuple[weakref.ref[asyncio.AbstractEventLoop], LoopSlots] | None = None
-        """The asyncio loop seen last and its slots: every request asks, and a RunVar lookup
-        costs more than the rest of a request that never uses its session."""
+        # The asyncio loop seen last and its slots: every request asks, and a RunVar lookup
+        # costs more than the rest of a request that never uses its session. The loop is held
+        # until another one asks (a closed loop of a finished test run, at most one).
+        self._last_loop: asyncio.AbstractEventLoop | None = None
+        self._last_slots: LoopSlots | None = None
 
     @classmethod
     def for_engine(cls, engine: Engine, name: str) -> SessionSlots | None:
@@ -135,18 +136,14 @@ class SessionSlots:
 
     def here(self) -> LoopSlots:
         """The slots of the running event loop (call on the loop)."""
-        try:
-            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:  # another event loop library (trio)
-            loop = None
-        last = self._last
-        if loop is not None and last is not None and last[0]() is loop:
-            return last[1]
+        loop = asyncio._get_running_loop()  # None under another event loop library (trio)
+        if loop is not None and loop is self._last_loop and self._last_slots is not None:
+            return self._last_slots
         try:
             slots = self._here.get()
         except LookupError:
             slots = LoopSlots(self.capacity, self.timeout)
             self._here.set(slots)
         if loop is not None:
-            self._last = (weakref.ref(loop), slots)
+            self._last_loop, self._last_slots = loop, slots
         return slots

@@ -32,39 +32,33 @@ _WRITE_PREFIX: Final = re.compile(
 
 
 class StatementTally:
-    """Statements one request ran on one engine, and writes run after the commit decision."""
+    """Statements one request ran on one engine, and writes run after the commit decision.
 
-    __slots__ = (
-        "_token",
-        "busy_connection",
-        "busy_owner",
-        "late",
-        "late_writes",
-        "parent",
-        "pool",
-        "read_only",
-        "statements",
-        "thread",
-    )
+    Every field starts as a class-level default: most requests never run a statement, and a
+    dozen attribute stores per request are a measurable share of a request that does nothing
+    else.
+    """
 
-    def __init__(self, pool: Pool | None) -> None:
-        self.pool = pool
-        self.statements = 0
-        self.late = False
-        self.late_writes = 0
-        self.parent: StatementTally | None = None
-        self.thread = 0
-        """The thread that ran the latest statement (where a held session is being used)."""
-        self.read_only = False
-        """Writes raise :class:`~sessionscope.errors.ReadOnlyRequestError` (replica requests)."""
-        self.busy_connection: Connection | None = None
-        """The connection running a statement for this request right now, and who runs it."""
-        self.busy_owner: object = None
-        self._token: Token[StatementTally | None] | None = None
+    pool: Pool | None = None
+    """The pool of the engine whose statements count here."""
+    statements: int = 0
+    late: bool = False
+    late_writes: int = 0
+    parent: StatementTally | None = None
+    thread: int = 0
+    """The thread that ran the latest statement (where a held session is being used)."""
+    read_only: bool = False
+    """Writes raise :class:`~sessionscope.errors.ReadOnlyRequestError` (replica requests)."""
+    busy_connection: Connection | None = None
+    """The connection running a statement for this request right now, and who runs it."""
+    busy_owner: object = None
+    _token: Token[StatementTally | None] | None = None
 
     def activate(self) -> None:
         """Make this tally current for the calling context (and the tasks it starts)."""
-        self.parent = _CURRENT.get()
+        parent = _CURRENT.get()
+        if parent is not None:
+            self.parent = parent
         self._token = _CURRENT.set(self)
 
     def deactivate(self) -> None:
