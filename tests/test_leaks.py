@@ -15,7 +15,7 @@ from sessionscope import DBSessionMiddleware
 from sessionscope.fastapi import AsyncDBSession, DBSession
 
 from .metric_support import value
-from .support import Backend, request
+from .support import Backend, request, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -64,13 +64,6 @@ def leaky_app(backend: Backend, registry: CollectorRegistry, release: anyio.Even
             return {}
 
     return app
-
-
-async def wait_until(check: Any) -> None:
-    """Poll ``check()`` until it is true (the sweep runs in its own thread), at most 5 s."""
-    with anyio.fail_after(5):
-        while not check():  # noqa: ASYNC110 - the sweep thread has no event to await
-            await anyio.sleep(0.02)
 
 
 async def test_a_session_held_past_the_threshold_is_detected_then_resolved(

@@ -15,11 +15,11 @@ from typing import Any, cast
 
 import anyio
 import anyio.to_thread
-from anyio.lowlevel import RunVar
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 from .source import AnySession
+from .thread_lane import ThreadLane
 
 FINALIZER_THREADS = 40
 """Worker threads reserved for finalizing sync sessions that hold a connection."""
@@ -32,8 +32,8 @@ class SessionCalls:
 
     def __init__(self, *, is_async: bool, name: str) -> None:
         self._is_async = is_async
-        # One lane per event loop: a CapacityLimiter belongs to the loop that made it.
-        self._lane: RunVar[anyio.CapacityLimiter] = RunVar(f"sessionscope_lane_{name}")
+        # The finalizer threads: their own, so they never wait behind the threadpool.
+        self._lane = ThreadLane(FINALIZER_THREADS, f"sessionscope-finalizer-{name}")
 
     async def call(self, session: AnySession, method: str, *, holds_connection: bool) -> None:
         """Run ``session.<method>()`` to completion, without blocking the event loop."""
@@ -44,21 +44,13 @@ class SessionCalls:
                 await cast(Callable[[], Awaitable[Any]], bound)()
         elif holds_connection and ends_without_io(cast(Session, session)):
             bound()  # nothing to flush and no transaction open in the driver: no I/O to wait for
-        # A worker thread, once started, is waited for even when the caller is cancelled (anyio
-        # shields the wait). Before it starts, a cancellation stops the call cleanly: callers
-        # whose call must happen anyway (cleanup) shield it themselves.
+        # A worker thread, once started, is waited for even when the caller is cancelled (the
+        # lane and anyio shield the wait). Before it starts, a cancellation stops the call
+        # cleanly: callers whose call must happen anyway (cleanup) shield it themselves.
         elif holds_connection:
-            await anyio.to_thread.run_sync(bound, limiter=self._lane_limiter())
+            await self._lane.run(bound)
         else:
             await anyio.to_thread.run_sync(bound)
-
-    def _lane_limiter(self) -> anyio.CapacityLimiter:
-        try:
-            return self._lane.get()
-        except LookupError:
-            limiter = anyio.CapacityLimiter(FINALIZER_THREADS)
-            self._lane.set(limiter)
-            return limiter
 
 
 def ends_without_io(session: Session) -> bool:
