@@ -79,14 +79,27 @@ def _peers_in(results: Results, scenario: str) -> list[str]:
 
 
 def _beats_peers(results: Results, scenario: str, ours: float) -> tuple[bool, str]:
-    """Whether sessionscope's ratio beats every peer's ratio (ratios: comparable across venvs)."""
+    """Whether sessionscope beats every peer, each compared within one process's run.
+
+    A peer of the extra venv is compared with sessionscope as measured in that same venv,
+    interleaved with it, when it was (then both ratios are to that venv's own baseline);
+    otherwise with sessionscope's ratio here.
+    """
     parts, ok = [], True
     for peer in _peers_in(results, scenario):
         ratio = _ratio(results, scenario, peer)
         if ratio is None:
             continue
-        parts.append(f"{BY_KEY[peer].label} {ratio:.2f}x")
-        ok = ok and ours < ratio
+        mine = ours
+        text = f"{BY_KEY[peer].label} {ratio:.2f}x"
+        if peer in results.extra_contenders:
+            there = results.median(scenario, SESSIONSCOPE, extra=True)
+            base = results.median(scenario, BASELINE, extra=True)
+            if there is not None and base:
+                mine = there / base
+                text += f" (sessionscope there {mine:.2f}x{EXTRA_MARK})"
+        parts.append(text)
+        ok = ok and mine < ratio
     return ok, ", ".join(parts) or "no peer measured"
 
 

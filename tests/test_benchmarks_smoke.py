@@ -122,6 +122,28 @@ def test_report_renders_with_every_part() -> None:
     assert any(v.met for v in verdicts(results))
 
 
+def test_a_peer_of_the_extra_venv_is_compared_with_sessionscope_measured_in_that_venv() -> None:
+    # Here sessionscope is at 0.90x of Depends(get_db) and the peer at 0.95x of the extra
+    # venv's own; measured side by side in that venv, sessionscope was the slower one.
+    results = Results(
+        machine={"nproc": 2, "cpu": "cpu", "os": "os", "python": "3", "packages": {}},
+        settings={"rounds": 1},
+        inprocess=[
+            Measurement("pg_aread", "get_db", [100.0]),
+            Measurement("pg_aread", "ss_on", [90.0]),
+        ],
+        extra=[
+            Measurement("pg_aread", "get_db", [200.0]),
+            Measurement("pg_aread", "ss_on", [196.0]),
+            Measurement("pg_aread", "fasa", [190.0]),
+        ],
+        extra_contenders=["fasa"],
+    )
+    (read,) = [v for v in verdicts(results) if v.target.startswith("asyncpg read")]
+    assert read.met is False
+    assert "fastapi-async-sqlalchemy 0.95x (sessionscope there 0.98x†)" in read.figures
+
+
 def test_end_to_end_target_compares_each_round_with_the_baseline_of_the_same_round() -> None:
     def runs(*figures: tuple[float, float]) -> list[LoadResult]:
         return [LoadResult(rps=rps, p50_ms=p99 / 2, p99_ms=p99, errors=0) for rps, p99 in figures]
