@@ -63,8 +63,12 @@ def comparison_table(results: Results, *, cpu: bool = False) -> str:
     return "\n".join(lines)
 
 
-def _ratio(results: Results, scenario: str, contender: str) -> float | None:
-    extra = contender in results.extra_contenders
+def _ratio(
+    results: Results, scenario: str, contender: str, *, extra: bool | None = None
+) -> float | None:
+    """``contender``'s median over the baseline's, in the venv it was measured in (or ``extra``)."""
+    if extra is None:
+        extra = contender in results.extra_contenders
     value = results.median(scenario, contender, extra=extra)
     base = results.median(scenario, BASELINE, extra=extra)
     return None if value is None or not base else value / base
@@ -92,12 +96,10 @@ def _beats_peers(results: Results, scenario: str, ours: float) -> tuple[bool, st
             continue
         mine = ours
         text = f"{BY_KEY[peer].label} {ratio:.2f}x"
-        if peer in results.extra_contenders:
-            there = results.median(scenario, SESSIONSCOPE, extra=True)
-            base = results.median(scenario, BASELINE, extra=True)
-            if there is not None and base:
-                mine = there / base
-                text += f" (sessionscope there {mine:.2f}x{EXTRA_MARK})"
+        there = _ratio(results, scenario, SESSIONSCOPE, extra=True)
+        if peer in results.extra_contenders and there is not None:
+            mine = there
+            text += f" (sessionscope there {mine:.2f}x{EXTRA_MARK})"
         parts.append(text)
         ok = ok and mine < ratio
     return ok, ", ".join(parts) or "no peer measured"

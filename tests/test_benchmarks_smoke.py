@@ -12,6 +12,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -50,6 +51,12 @@ WRK_OUTPUT = """Running 3s test @ http://127.0.0.1:8000/items/1
   Non-2xx or 3xx responses: 3
 Requests/sec:    333.33
 """
+
+
+def _results(**parts: Any) -> Results:
+    """Results of a one-round run on a made-up machine, with the given measurements."""
+    machine = {"nproc": 2, "cpu": "cpu", "os": "os", "python": "3", "packages": {}}
+    return Results(machine=machine, settings={"rounds": 1}, **parts)
 
 
 @pytest.fixture(autouse=True)
@@ -97,9 +104,7 @@ def test_the_paired_on_off_measurement_runs() -> None:
 def test_report_renders_with_every_part() -> None:
     parsed = parse_wrk(WRK_OUTPUT)
     assert parsed == LoadResult(rps=333.33, p50_ms=2.5, p99_ms=1200.0, errors=6)
-    results = Results(
-        machine={"nproc": 2, "cpu": "cpu", "os": "os", "python": "3", "packages": {}},
-        settings={"rounds": 1},
+    results = _results(
         inprocess=[
             Measurement("read", "get_db", [100.0]),
             Measurement("read", "ss_on", [80.0]),
@@ -125,9 +130,7 @@ def test_report_renders_with_every_part() -> None:
 def test_a_peer_of_the_extra_venv_is_compared_with_sessionscope_measured_in_that_venv() -> None:
     # Here sessionscope is at 0.90x of Depends(get_db) and the peer at 0.95x of the extra
     # venv's own; measured side by side in that venv, sessionscope was the slower one.
-    results = Results(
-        machine={"nproc": 2, "cpu": "cpu", "os": "os", "python": "3", "packages": {}},
-        settings={"rounds": 1},
+    results = _results(
         inprocess=[
             Measurement("pg_aread", "get_db", [100.0]),
             Measurement("pg_aread", "ss_on", [90.0]),
@@ -155,9 +158,7 @@ def test_end_to_end_target_compares_each_round_with_the_baseline_of_the_same_rou
     rps, p99 = paired_e2e_ratios(ours, base)
     assert rps == pytest.approx([1.05, 1.05, 1.0])
     assert p99 == pytest.approx([0.95, 0.975, 310 / 300])
-    results = Results(
-        machine={"nproc": 2, "cpu": "cpu", "os": "os", "python": "3", "packages": {}},
-        settings={"rounds": 1},
+    results = _results(
         e2e=[ours, base],
     )
     (read,) = [v for v in verdicts(results) if v.target.startswith("end to end (read)")]
@@ -192,9 +193,7 @@ def test_on_off_verdict_takes_the_instruction_count_at_the_requests_own_rate(
     counted = InstructionResult(
         off_counts=[990_000, 1_010_000], on_counts=[on - 10_000, on + 10_000], requests=500
     )
-    results = Results(
-        machine={"nproc": 2, "cpu": "cpu", "os": "os", "python": "3", "packages": {}},
-        settings={"rounds": 1},
+    results = _results(
         overhead=OverheadResult(differences=[4.0, 5.0, 6.0], off_cpu=[500.0], requests=9),
         instructions=counted,
         off_supported=True,
