@@ -25,7 +25,7 @@ import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from time import perf_counter
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 import anyio
 import anyio.from_thread
@@ -102,6 +102,11 @@ class SessionSettings:
                 target = target.kw.get("sync_session_class") or target.class_.sync_session_class
             if not event.contains(target, "after_transaction_create", _refuse_if_closed):
                 event.listen(target, "after_transaction_create", _refuse_if_closed)
+
+    def refuse(self, matched: object) -> NoReturn:
+        """Raise for a request that asks for its session after it finished (``matched``: its
+        route object)."""
+        raise closed_error(self, route_template({"route": matched}), "requested")
 
 
 class RequestSession(StatementTally):
@@ -299,8 +304,7 @@ class RequestSession(StatementTally):
         # From now on the request state must not reach back to this object (no cycle): the
         # matched route object, not the scope, tells a late request for the session its route.
         settings = self.settings
-        matched = self.scope.get("route")
-        self.state.withdraw(settings.name, settings.state_key, _Refusal(settings, matched))
+        self.state.withdraw(settings.state_key, settings, self.scope.get("route"))
         if self.session is None:
             self.phase = _CLOSED
             return True
@@ -413,23 +417,6 @@ def closed_error(settings: SessionSettings, route: str, verb: str) -> SessionClo
         f"(route {route}) was {verb} after its request finished; work that outlives the "
         "request must open its own session, e.g. `with session_scope(engine) as session:`"
     )
-
-
-class _Refusal:
-    """What a request's state gives for its session once the request has finished."""
-
-    __slots__ = ("matched", "settings")
-
-    def __init__(self, settings: SessionSettings, matched: object) -> None:
-        self.settings = settings
-        self.matched = matched
-        """The matched route object (not the scope: that would make a reference cycle)."""
-
-    def open(self) -> AnySession:
-        raise closed_error(self.settings, route_template({"route": self.matched}), "requested")
-
-    async def open_async(self) -> AnySession:
-        return self.open()
 
 
 def _on_event_loop() -> bool:

@@ -195,7 +195,7 @@ class DBSessionMiddleware:
             return
         state = RequestState.of(scope)
         rs = RequestSession(self.settings, scope, state, send)
-        if not state.provide(self.name, self.state_key, rs, self.settings):
+        if not state.provide(self.name, self.state_key, rs):
             raise ConfigurationError(
                 f"{_OWNER}(name={self.name!r}): request.state.{self.state_key} is already "
                 "taken (by another DBSessionMiddleware or the lifespan state); give each "

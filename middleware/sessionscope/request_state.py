@@ -10,13 +10,16 @@ holding the original still sees them; the sessions themselves stay in the copy.
 from __future__ import annotations
 
 from collections.abc import MutableMapping
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 from .errors import SessionNotAvailableError
 
 
 class Provider(Protocol):
     """Creates a value of the request state on first access (the request's session)."""
+
+    settings: Any
+    """What the provider's middleware shares between requests (its ``SessionSettings``)."""
 
     def open(self) -> Any:
         """The value, created now if need be (from any thread)."""
@@ -25,20 +28,30 @@ class Provider(Protocol):
         """The value, created now if need be, waiting on the event loop where it must."""
 
 
+class Refuser(Protocol):
+    """Says why a withdrawn value is no longer available."""
+
+    def refuse(self, matched: object) -> NoReturn:
+        """Raise the error for a first access after the request, on route object ``matched``."""
+
+
+Withdrawn = tuple[Refuser, object]
+"""A withdrawn provider: who refuses, and the matched route object it refuses for. A plain
+tuple: built on every request that never opens its session, it must cost next to nothing."""
+
+
 class RequestState(dict[str, Any]):
     """A request's state dict that creates registered values on first access."""
 
-    __slots__ = ("_origin", "_providers", "databases", "names")
+    __slots__ = ("_origin", "_providers", "names")
 
     def __init__(self, origin: MutableMapping[str, Any] | None) -> None:
         if origin:
-            super().__init__(origin)
+            dict.update(self, origin)
         self._origin = origin
-        self._providers: dict[str, Provider] = {}
+        self._providers: dict[str, Provider | Withdrawn] = {}
         self.names: dict[str, str] = {}
         """Database name -> state key, for every middleware that handles this request."""
-        self.databases: dict[str, Any] = {}
-        """Database name -> its middleware's ``SessionSettings``, while the request runs."""
 
     @classmethod
     def of(cls, scope: MutableMapping[str, Any]) -> RequestState:
@@ -50,15 +63,20 @@ class RequestState(dict[str, Any]):
         scope["state"] = installed
         return installed
 
-    def provide(self, name: str, key: str, provider: Provider, settings: Any = None) -> bool:
+    def provide(self, name: str, key: str, provider: Provider) -> bool:
         """Serve ``key`` from ``provider`` on first access; ``False`` if ``key`` is taken."""
         if key in self._providers or dict.__contains__(self, key):
             return False
         self._providers[key] = provider
         self.names[name] = key
-        if settings is not None:
-            self.databases[name] = settings
         return True
+
+    def settings(self, name: str) -> Any:
+        """The settings of database ``name``'s provider while the request runs, else ``None``."""
+        provider = self._providers.get(self.names.get(name, ""))
+        if provider is None or isinstance(provider, tuple):
+            return None
+        return provider.settings
 
     def resolve(self, name: str | None, *, asked_by: str) -> str:
         """The database name meant by ``name``: itself, else the only one, else ``default``."""
@@ -78,10 +96,9 @@ class RequestState(dict[str, Any]):
             )
         return wanted
 
-    def withdraw(self, name: str, key: str, provider: Provider) -> None:
-        """After the request: later first accesses of ``key`` go to ``provider`` instead."""
-        self._providers[key] = provider
-        self.databases.pop(name, None)
+    def withdraw(self, key: str, refuser: Refuser, matched: object) -> None:
+        """After the request: later first accesses of ``key`` raise ``refuser``'s error."""
+        self._providers[key] = (refuser, matched)
 
     async def open(self, key: str) -> Any:
         """The value of ``key``, created through its provider's awaitable way if not yet."""
@@ -90,12 +107,16 @@ class RequestState(dict[str, Any]):
         provider = self._providers.get(key)
         if provider is None:
             return self[key]
+        if isinstance(provider, tuple):
+            provider[0].refuse(provider[1])
         return await provider.open_async()
 
     def __missing__(self, key: str) -> Any:
         provider = self._providers.get(key)
         if provider is None:
             raise KeyError(key)
+        if isinstance(provider, tuple):
+            provider[0].refuse(provider[1])
         return provider.open()
 
     def get(self, key: str, default: Any = None) -> Any:

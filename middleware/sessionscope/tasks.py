@@ -209,7 +209,7 @@ def _settings_of(scope: Mapping[str, Any], name: str | None) -> SessionSettings:
     if not isinstance(state, RequestState):
         state = RequestState(None)  # no middleware ran: resolve() says what to do
     wanted = state.resolve(name, asked_by="task sessions")
-    settings: SessionSettings | None = state.databases.get(wanted)
+    settings: SessionSettings | None = state.settings(wanted)
     if settings is None:
         # the middleware withdraws the request's databases once the request has finished
         raise SessionNotAvailableError(
