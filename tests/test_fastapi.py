@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from structlog.testing import capture_logs
 
-from sessionscope import DBSessionMiddleware, SessionNotAvailableError
+from sessionscope import DBSessionMiddleware, SessionClosedError, SessionNotAvailableError
 from sessionscope.fastapi import AsyncDBSession, DBSession, get_session
 
 from .apps import items_app
@@ -82,6 +82,36 @@ async def test_a_route_that_never_asks_for_the_session_creates_none(backend: Bac
             response = await c.get("/no-db")
     assert response.status_code == 200
     assert not [e for e in logs if e["event"].startswith("db_session.")]
+
+
+async def test_a_session_first_asked_for_after_its_request_is_refused_naming_the_route(
+    backend: Backend,
+) -> None:
+    registry = CollectorRegistry()
+    kept: list[Any] = []
+    app = FastAPI()
+
+    @app.get("/later/{name}")
+    async def later(request: Request) -> dict[str, str]:
+        kept.append(request.scope["state"])  # never asks for the session while it runs
+        return {}
+
+    app.add_middleware(DBSessionMiddleware, engine=backend.engine, registry=registry)
+    async with client(app) as c:
+        assert (await c.get("/later/x")).status_code == 200
+    state = kept[0]
+    with pytest.raises(SessionClosedError, match=r"\(route /later/\{name\}\) was requested"):
+        state["db"]  # request.state.db
+    with pytest.raises(SessionClosedError, match="was requested after its request finished"):
+        await state.open("db")  # what the DBSession/AsyncDBSession dependency does
+    assert "db" not in dict(state)
+    assert backend.checkedout() == 0
+    assert (
+        registry.get_sample_value(
+            "db_session_use_after_close_total", {"db": "default", "route": "/later/{name}"}
+        )
+        == 2
+    )
 
 
 async def test_the_middleware_works_on_a_plain_starlette_app(backend: Backend) -> None:

@@ -105,10 +105,8 @@ class RequestState(dict[str, Any]):
         if dict.__contains__(self, key):
             return dict.__getitem__(self, key)
         provider = self._providers.get(key)
-        if provider is None:
-            return self[key]
-        if isinstance(provider, tuple):
-            provider[0].refuse(provider[1])
+        if provider is None or isinstance(provider, tuple):
+            return self[key]  # __missing__ raises: not provided, or withdrawn
         return await provider.open_async()
 
     def __missing__(self, key: str) -> Any:
