@@ -38,11 +38,12 @@ _COUNTS: dict[str, tuple[str, float, float]] = {
     "requests": ("BENCH_REQUESTS", 250, 40),
     "nodb_requests": ("BENCH_NODB_REQUESTS", 2000, 200),
     "warmup": ("BENCH_WARMUP", 100, 20),
+    "instances": ("BENCH_INSTANCES", 3, 2),
     "overhead_pairs": ("BENCH_OVERHEAD_PAIRS", 200, 10),
     "overhead_requests": ("BENCH_OVERHEAD_REQUESTS", 300, 100),
     "instruction_requests": ("BENCH_INSTRUCTION_REQUESTS", 600, 120),
     "instruction_seeds": ("BENCH_INSTRUCTION_SEEDS", 3, 1),
-    "scaling_rounds": ("BENCH_SCALING_ROUNDS", 5, 2),
+    "scaling_rounds": ("BENCH_SCALING_ROUNDS", 6, 2),
     "scaling_requests": ("BENCH_SCALING_REQUESTS", 200, 40),
     "rss_total": ("BENCH_RSS_TOTAL", 200_000, 20_000),
     "rss_checkpoint": ("BENCH_RSS_CHECKPOINT", 10_000, 2_000),
@@ -108,6 +109,7 @@ def _run_settings(counts: dict[str, float]) -> RunSettings:
         requests=int(counts["requests"]),
         nodb_requests=int(counts["nodb_requests"]),
         warmup=int(counts["warmup"]),
+        instances=int(counts["instances"]),
     )
 
 
@@ -141,7 +143,9 @@ def _all(args: argparse.Namespace, counts: dict[str, float]) -> None:
     settings = SuiteSettings(
         run=_run_settings(counts),
         scaling=ScalingSettings(
-            rounds=int(counts["scaling_rounds"]), requests=int(counts["scaling_requests"])
+            rounds=int(counts["scaling_rounds"]),
+            requests=int(counts["scaling_requests"]),
+            instances=int(counts["instances"]),
         ),
         overhead=OverheadSettings(
             pairs=int(counts["overhead_pairs"]), requests=int(counts["overhead_requests"])

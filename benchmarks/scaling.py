@@ -34,10 +34,13 @@ HOLD_TIMEOUT = 60.0
 class ScalingSettings:
     """How much to measure."""
 
-    rounds: int = 5
+    rounds: int = 6
     requests: int = 300
     routes: tuple[int, int] = (1, 500)
     open_sessions: tuple[int, int] = (10, 1000)
+    instances: int = 3
+    """Copies of each routes app; round ``r`` measures copy ``r % instances`` (see
+    :mod:`benchmarks.inprocess`: one copy's memory layout moves its timings by several %)."""
     collect: bool = True
     """Collect garbage before every batch (off only to make smoke runs fast)."""
 
@@ -70,24 +73,27 @@ async def measure_routes(
     results = []
     for contender in contenders:
         for copies in settings.routes:
-            built, driver = await _start(
-                contender, Target(mode="sync", urls=urls, route_copies=copies)
-            )
             scenario = _spread(copies)
-            # Every route is seen before measuring: first-sight work (per-route metric
-            # children) is a one-off, not a per-request cost.
-            warmup = max(settings.requests, 2 * copies)
-            await run_batch(driver, scenario, warmup, collect=False)
             measurement = Measurement(f"routes_{copies}", contender.key)
-            started.append((built, driver, scenario, measurement))
             results.append(measurement)
+            for instance in range(settings.instances):
+                built, driver = await _start(
+                    contender, Target(mode="sync", urls=urls, route_copies=copies)
+                )
+                # Every route is seen before measuring: first-sight work (per-route metric
+                # children) is a one-off, not a per-request cost.
+                warmup = max(settings.requests, 2 * copies)
+                await run_batch(driver, scenario, warmup, collect=False)
+                started.append((instance, built, driver, scenario, measurement))
     if settings.collect:
         gc.collect()
     gc.freeze()  # setup is never garbage: keeps the per-batch collection cheap
     try:
         for round_no in range(settings.rounds):
-            order = started if round_no % 2 == 0 else started[::-1]
-            for _built, driver, scenario, measurement in order:
+            instance = round_no % settings.instances
+            this_round = [entry for entry in started if entry[0] == instance]
+            order = this_round if round_no % 2 == 0 else this_round[::-1]
+            for _instance, _built, driver, scenario, measurement in order:
                 offset = round_no * settings.requests
                 measurement.samples.append(
                     await run_batch(
@@ -96,7 +102,7 @@ async def measure_routes(
                 )
     finally:
         gc.unfreeze()
-        for built, driver, _scenario, _m in started:
+        for _instance, built, driver, _scenario, _m in started:
             await driver.stop()
             await built.close()
     return results

@@ -52,7 +52,7 @@ def _extra_run(python: str, settings: RunSettings, work: Path) -> Path:
         "--scenarios", ",".join(scenarios),
         "--rounds", str(settings.rounds), "--requests", str(settings.requests),
         "--nodb-requests", str(settings.nodb_requests), "--warmup", str(settings.warmup),
-        "--json", str(out),
+        "--instances", str(settings.instances), "--json", str(out),
     ]  # fmt: skip
     subprocess.run(command, cwd=REPO, check=True)
     return out

@@ -38,7 +38,7 @@ from benchmarks.scenarios import SCENARIOS
 REPO = Path(__file__).resolve().parent.parent
 
 LOCAL = [c.BY_KEY[k] for k in ("bare", "get_db", "get_db_fn", "ss_on", "ss_off")]
-TINY = RunSettings(rounds=2, requests=3, nodb_requests=3, warmup=2, collect=False)
+TINY = RunSettings(rounds=2, requests=3, nodb_requests=3, warmup=2, instances=1, collect=False)
 WRK_OUTPUT = """Running 3s test @ http://127.0.0.1:8000/items/1
   2 threads and 64 connections
   Latency Distribution
@@ -80,10 +80,48 @@ def test_every_sqlite_scenario_runs_for_every_local_contender(tmp_path: Path) ->
     assert set(skipped) <= {"get_db_fn"}
 
 
+def test_the_rounds_rotate_over_copies_of_each_contenders_app(tmp_path: Path) -> None:
+    served: list[int] = []
+
+    async def build(target: Any) -> c.Built:
+        copy = sum(1 for _ in built_copies)
+        built_copies.append(copy)
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] != "http":
+                return  # no lifespan support
+            served.append(copy)
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+
+        return c.Built(app=app, close=_nothing)
+
+    built_copies: list[int] = []
+    counting = c.Contender(
+        key="copies", label="copies", modes=frozenset({"sync"}), build=build, db_free=True
+    )
+    settings = RunSettings(
+        rounds=4, requests=1, nodb_requests=5, warmup=2, instances=3, collect=False
+    )
+    nodb = [s for s in SCENARIOS if not s.uses_db]
+    measurements, _ = asyncio.run(
+        run_inprocess([counting], nodb, settings, tmp_path, use_postgres=False)
+    )
+    assert built_copies == [0, 1, 2]
+    warmups, rounds = served[:6], served[6:]
+    assert warmups == [0, 0, 1, 1, 2, 2]
+    assert rounds == [0] * 5 + [1] * 5 + [2] * 5 + [0] * 5  # round r measures copy r % 3
+    assert len(measurements[0].samples) == 4
+
+
+async def _nothing() -> None:
+    return None
+
+
 def test_scaling_and_memory_run(tmp_path: Path) -> None:
     pair = [c.BY_KEY["get_db"], c.BY_KEY["ss_on"]]
     settings = ScalingSettings(
-        rounds=1, requests=4, routes=(1, 3), open_sessions=(1, 5), collect=False
+        rounds=1, requests=4, routes=(1, 3), open_sessions=(1, 5), instances=1, collect=False
     )
     routes = asyncio.run(measure_routes(pair, settings, tmp_path))
     held = asyncio.run(measure_open_sessions(pair, settings, tmp_path))
