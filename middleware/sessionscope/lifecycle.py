@@ -54,7 +54,8 @@ if TYPE_CHECKING:
 REQUEST_KEY: Final = "sessionscope.request"
 """``Session.info`` key of the open request session's :class:`RequestSession`."""
 _CLOSED_BY: Final = "sessionscope.closed_by"
-"""``Session.info`` key marking a closed request session: (settings, route) of its request."""
+"""``Session.info`` key marking a closed request session: (settings, matched route object) of
+its request."""
 
 
 class Phase(enum.IntEnum):
@@ -136,12 +137,13 @@ class RequestSession(StatementTally):
     commit_seconds: float | None = None
     """How long the decided commit took (reported with the close)."""
 
-    def __init__(
-        self, settings: SessionSettings, scope: Scope, state: RequestState, send: Send
-    ) -> None:
+    state: RequestState
+    """The request's state, where the session is remembered once created (set by the
+    middleware right after construction)."""
+
+    def __init__(self, settings: SessionSettings, scope: Scope, send: Send) -> None:
         self.settings = settings
         self.scope = scope
-        self.state = state
         self._send = send
         slots: SessionSlots | None
         if settings.replica is not None and scope["method"] in settings.read_only_methods:
@@ -312,10 +314,10 @@ class RequestSession(StatementTally):
 
     async def close(self, exc: BaseException | None) -> None:
         """After :meth:`withdraw`: end the opened session's transaction, close it, report."""
-        route = route_template(self.scope)
         sync = self._sync_session()
         sync.info.pop(REQUEST_KEY, None)
-        sync.info[_CLOSED_BY] = (self.settings, route)
+        # The matched route object: its template is looked up only if the session is misused.
+        sync.info[_CLOSED_BY] = (self.settings, self.scope.get("route"))
         if sync.in_transaction():
             # Shielded: cleanup of a cancelled request must still run (a worker-thread call
             # checks for cancellation before it starts, and would otherwise never close).
@@ -392,7 +394,10 @@ class RequestSession(StatementTally):
     async def _call(self, method: str) -> None:
         session = self.session
         assert session is not None
-        await self.settings.calls.call(session, method, holds_connection=self.holds_connection())
+        calls = self.settings.calls
+        # Async sessions are awaited whether or not they hold a connection: no need to ask.
+        holds = not calls.is_async and self.holds_connection()
+        await calls.call(session, method, holds_connection=holds)
 
     def _wrote_late(self, sync: Session) -> bool:
         return bool(self.late_writes or sync.new or sync.dirty or sync.deleted)
@@ -434,6 +439,7 @@ def _undecided_reason(exc: BaseException | None) -> str:
 
 
 def _refuse_if_closed(session: Session, transaction: Any) -> None:
-    closed_by: tuple[SessionSettings, str] | None = session.info.get(_CLOSED_BY)
+    closed_by: tuple[SessionSettings, object] | None = session.info.get(_CLOSED_BY)
     if closed_by is not None and transaction.parent is None:
-        raise closed_error(*closed_by, "used")
+        settings, matched = closed_by
+        raise closed_error(settings, route_template({"route": matched}), "used")

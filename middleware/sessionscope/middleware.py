@@ -27,6 +27,7 @@ from .request_state import RequestState
 from .session_calls import SessionCalls
 from .slots import SessionSlots
 from .source import SessionSource, replica_source, resolve_source
+from .statements import CURRENT
 
 _OWNER = "DBSessionMiddleware"
 
@@ -193,15 +194,20 @@ class DBSessionMiddleware:
         if scope["type"] != "http" or scope["path"] in self.exclude_paths:
             await self.app(scope, receive, send)
             return
-        state = RequestState.of(scope)
-        rs = RequestSession(self.settings, scope, state, send)
-        if not state.provide(self.name, self.state_key, rs):
+        rs = RequestSession(self.settings, scope, send)
+        state = RequestState.serve(scope, self.name, self.state_key, rs)
+        if state is None:
             raise ConfigurationError(
                 f"{_OWNER}(name={self.name!r}): request.state.{self.state_key} is already "
                 "taken (by another DBSessionMiddleware or the lifespan state); give each "
                 "database its own state_key."
             )
-        rs.activate()
+        rs.state = state
+        # The request's statements count into rs (inline: this runs for every request).
+        parent = CURRENT.get()
+        if parent is not None:
+            rs.parent = parent
+        token = CURRENT.set(rs)
         try:
             await self.app(scope, receive, rs.send)
         except PoolTimeoutError as exc:
@@ -220,7 +226,7 @@ class DBSessionMiddleware:
             if not rs.withdraw():  # inline for the many requests that never open their session
                 await rs.close(None)
         finally:
-            rs.deactivate()
+            CURRENT.reset(token)
 
 
 def _slots(source: SessionSource, name: str) -> SessionSlots | None:

@@ -193,6 +193,10 @@ class PoolInstruments:
         idle = getattr(pool, "checkedin", None)
 
         def connect() -> PoolProxiedConnection:
+            nonlocal idle_queue
+            if idle_queue is None:
+                # An async pool makes its queue at its first checkout, on the event loop.
+                idle_queue = _idle_queue(pool)
             # With an idle connection in the pool the checkout does not wait: it is not
             # counted as pending (two locked gauge updates saved on the common path).
             may_wait = not idle_queue if idle_queue is not None else idle is None or idle() <= 0
@@ -299,12 +303,18 @@ class PoolInstruments:
 
 
 def _idle_queue(pool: Pool) -> deque[Any] | None:
-    """The deque of ``pool``'s idle connections (a sync ``QueuePool``), else ``None``.
+    """The deque of ``pool``'s idle connections, else ``None``: a sync ``QueuePool``'s, or
+    an ``AsyncAdaptedQueuePool``'s once its ``asyncio.Queue`` exists (made at the first
+    checkout, on the event loop; never replaced).
 
     Its length is read without a lock (``len`` of a deque is atomic): the public
-    ``checkedin()`` takes the queue's lock and costs three Python calls per checkout.
+    ``checkedin()`` costs three Python calls per checkout (and the sync queue's lock).
     """
-    idle_queue = getattr(getattr(pool, "_pool", None), "queue", None)
+    queue = getattr(pool, "_pool", None)
+    idle_queue = getattr(queue, "queue", None)  # sqlalchemy.util.queue.Queue
+    if idle_queue is None and queue is not None:
+        # AsyncAdaptedQueue memoizes its asyncio.Queue in __dict__: do not create it here.
+        idle_queue = getattr(getattr(queue, "__dict__", {}).get("_queue"), "_queue", None)
     return idle_queue if isinstance(idle_queue, deque) else None
 
 

@@ -54,22 +54,19 @@ class RequestState(dict[str, Any]):
         """Database name -> state key, for every middleware that handles this request."""
 
     @classmethod
-    def of(cls, scope: MutableMapping[str, Any]) -> RequestState:
-        """The scope's ``RequestState``, installing one if the scope has a plain dict."""
+    def serve(
+        cls, scope: MutableMapping[str, Any], name: str, key: str, provider: Provider
+    ) -> RequestState | None:
+        """Serve ``key`` of the scope's state from ``provider`` on first access, installing a
+        ``RequestState`` if the scope has a plain dict; ``None`` if ``key`` is taken."""
         state = scope.get("state")
-        if type(state) is cls:
-            return state
-        installed = cls(state)
-        scope["state"] = installed
-        return installed
-
-    def provide(self, name: str, key: str, provider: Provider) -> bool:
-        """Serve ``key`` from ``provider`` on first access; ``False`` if ``key`` is taken."""
-        if key in self._providers or dict.__contains__(self, key):
-            return False
-        self._providers[key] = provider
-        self.names[name] = key
-        return True
+        if type(state) is not cls:
+            state = scope["state"] = cls(state)
+        if key in state._providers or dict.__contains__(state, key):
+            return None
+        state._providers[key] = provider
+        state.names[name] = key
+        return state
 
     def settings(self, name: str) -> Any:
         """The settings of database ``name``'s provider while the request runs, else ``None``."""

@@ -28,17 +28,21 @@ FINALIZER_THREADS = 40
 class SessionCalls:
     """Runs ``commit``/``rollback``/``close``/``invalidate`` of request sessions."""
 
-    __slots__ = ("_is_async", "_lane")
+    __slots__ = ("_lane", "is_async")
 
     def __init__(self, *, is_async: bool, name: str) -> None:
-        self._is_async = is_async
+        self.is_async = is_async
+        """Whether the sessions are ``AsyncSession`` (their calls are awaited on the loop)."""
         # The finalizer threads: their own, so they never wait behind the threadpool.
         self._lane = ThreadLane(FINALIZER_THREADS, f"sessionscope-finalizer-{name}")
 
     async def call(self, session: AnySession, method: str, *, holds_connection: bool) -> None:
-        """Run ``session.<method>()`` to completion, without blocking the event loop."""
+        """Run ``session.<method>()`` to completion, without blocking the event loop.
+
+        ``holds_connection`` matters for sync sessions only (which thread runs the call).
+        """
         bound = getattr(session, method)
-        if self._is_async:
+        if self.is_async:
             # Shielded: a cancellation must not interrupt the driver half-way through.
             with anyio.CancelScope(shield=True):
                 await cast(Callable[[], Awaitable[Any]], bound)()

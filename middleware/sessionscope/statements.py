@@ -12,7 +12,7 @@ import asyncio
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar, Token
+from contextvars import ContextVar
 from threading import get_ident
 from typing import Any, Final
 
@@ -22,9 +22,11 @@ from sqlalchemy.pool import Pool
 
 from .errors import CONCURRENT_USE_MESSAGE, ConcurrentSessionUseError, ReadOnlyRequestError
 
-_CURRENT: Final[ContextVar[StatementTally | None]] = ContextVar(
+CURRENT: Final[ContextVar[StatementTally | None]] = ContextVar(
     "sessionscope_statement_tally", default=None
 )
+"""The tally of the request running in this context: the middleware sets it around the
+application (and links the tally that was current before as its ``parent``)."""
 _WRITE_PREFIX: Final = re.compile(
     r"\s*(INSERT|UPDATE|DELETE|MERGE|UPSERT|REPLACE|CREATE|DROP|ALTER|TRUNCATE|COPY)\b",
     re.IGNORECASE,
@@ -52,30 +54,16 @@ class StatementTally:
     busy_connection: Connection | None = None
     """The connection running a statement for this request right now, and who runs it."""
     busy_owner: object = None
-    _token: Token[StatementTally | None] | None = None
-
-    def activate(self) -> None:
-        """Make this tally current for the calling context (and the tasks it starts)."""
-        parent = _CURRENT.get()
-        if parent is not None:
-            self.parent = parent
-        self._token = _CURRENT.set(self)
-
-    def deactivate(self) -> None:
-        """Restore the tally that was current before :meth:`activate`."""
-        if self._token is not None:
-            _CURRENT.reset(self._token)
-            self._token = None
 
 
 @contextmanager
 def detached() -> Iterator[None]:
     """Run a block outside the current request's tally (its statements are not counted)."""
-    token = _CURRENT.set(None)
+    token = CURRENT.set(None)
     try:
         yield
     finally:
-        _CURRENT.reset(token)
+        CURRENT.reset(token)
 
 
 def install(engine: Engine) -> None:
@@ -96,7 +84,7 @@ def install(engine: Engine) -> None:
 
 
 def _tally_for(conn: Connection) -> StatementTally | None:
-    tally = _CURRENT.get()
+    tally = CURRENT.get()
     if tally is None:
         return None
     pool = conn.engine.pool
