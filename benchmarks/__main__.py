@@ -78,7 +78,8 @@ def _parser() -> argparse.ArgumentParser:
         "--skip",
         default=os.environ.get("BENCH_SKIP", ""),
         help=(
-            "comma-separated parts to skip: extra, overhead, instructions, scaling, rss, e2e "
+            "comma-separated parts to skip: extra, overhead, instructions, pg-instructions, "
+            "scaling, rss, e2e "
             "(env BENCH_SKIP)"
         ),
     )

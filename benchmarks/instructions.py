@@ -15,6 +15,12 @@ level check, the leak sweep): under valgrind a second lasts ~50 times fewer requ
 would inflate its share fifty-fold. At full speed that work is spread over thousands of
 requests a second.
 
+The same way, :func:`count_scenarios` counts one request of a scenario of the in-process table
+(the asyncpg read and insert) under several contenders: on asyncpg every contender sends the
+same statements, the ratios of wall times sit within a few % of 1.00 and move by more than that
+between runs of a shared VM, and the instruction count settles which contender's own work per
+request is larger.
+
 Runs only where ``valgrind`` is installed (Debian: ``apt-get install valgrind``).
 """
 
@@ -29,12 +35,15 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 REPO = Path(__file__).resolve().parent.parent
 _COLLECTED = re.compile(r"Collected\s*:\s*(\d+)")
+K = TypeVar("K")
 
 
 @dataclass(frozen=True)
@@ -48,6 +57,8 @@ class InstructionSettings:
     """``PYTHONHASHSEED`` 0, 1, ...: one seed's dict layouts move a request's count by ~1 %
     (±12,000 instructions here), as much as the difference in question, so each seed counts
     on and off and the mean is taken."""
+    scenario_seeds: int = 1
+    """Seeds for :func:`count_scenarios` (each run of an asyncpg scenario costs ~1 minute)."""
 
 
 @dataclass(frozen=True)
@@ -86,17 +97,38 @@ class InstructionResult:
         return self.difference / self.off * off_cpu_us
 
 
+@dataclass(frozen=True)
+class ScenarioInstructions:
+    """Instructions per request of one in-process scenario under each contender, one figure
+    per hash seed."""
+
+    scenario: str
+    counts: dict[str, list[float]]
+    """Contender key -> instructions per request under each seed."""
+    requests: int
+
+    def mean(self, contender: str) -> float | None:
+        """Mean over the seeds, if ``contender`` was counted."""
+        found = self.counts.get(contender)
+        return statistics.fmean(found) if found else None
+
+    def ratio(self, contender: str, base: str) -> float | None:
+        """``contender``'s mean over ``base``'s."""
+        mine, theirs = self.mean(contender), self.mean(base)
+        return None if mine is None or theirs is None else mine / theirs
+
+
 def available() -> bool:
     """Whether valgrind is installed."""
     return shutil.which("valgrind") is not None
 
 
-def _count(observed: bool, seed: int, requests: int, settings: InstructionSettings) -> int:
+def _callgrind(arguments: list[str], seed: int) -> int:
+    """The instructions ``python -m benchmarks.instructions ARGUMENTS`` executes."""
     with tempfile.TemporaryDirectory(prefix="bench-callgrind-") as tmp:
         command = [
             "valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/out",
-            sys.executable, "-m", "benchmarks.instructions",
-            "on" if observed else "off", str(requests), str(settings.warmup),
+            sys.executable, "-m", "benchmarks.instructions", *arguments,
         ]  # fmt: skip
         env = {**os.environ, "PYTHONHASHSEED": str(seed)}
         done = subprocess.run(
@@ -115,26 +147,66 @@ def measure_instructions(settings: InstructionSettings) -> InstructionResult | N
     """
     if not available():
         return None
+
+    def arguments(observed: bool, requests: int) -> list[str]:
+        return ["on" if observed else "off", str(requests), str(settings.warmup)]
+
+    counts = _per_request([False, True], settings.seeds, settings, arguments)
+    return InstructionResult(
+        off_counts=counts[False], on_counts=counts[True], requests=settings.long - settings.short
+    )
+
+
+def count_scenarios(
+    contenders: list[str], scenarios: list[str], settings: InstructionSettings
+) -> list[ScenarioInstructions] | None:
+    """Instructions per request of each scenario under each contender; ``None`` without
+    valgrind. The scenarios' tables must be prepared (the runs only read and insert rows)."""
+    if not available():
+        return None
+
+    def arguments(run: tuple[str, str], requests: int) -> list[str]:
+        scenario, contender = run
+        return ["scenario", contender, scenario, str(requests), str(settings.warmup)]
+
+    pairs = [(scenario, contender) for scenario in scenarios for contender in contenders]
+    counts = _per_request(pairs, settings.scenario_seeds, settings, arguments)
+    return [
+        ScenarioInstructions(
+            scenario=scenario,
+            counts={k: counts[scenario, k] for k in contenders},
+            requests=settings.long - settings.short,
+        )
+        for scenario in scenarios
+    ]
+
+
+def _per_request(
+    keys: list[K],
+    seeds: int,
+    settings: InstructionSettings,
+    arguments: Callable[[K, int], list[str]],
+) -> dict[K, list[float]]:
+    """For each key, under each seed: the instructions per request, from a short and a long
+    batch counted in separate processes (``arguments(key, requests)``), as many at once as
+    there are cores."""
     runs = [
-        (observed, seed, requests)
-        for seed in range(settings.seeds)
-        for observed in (False, True)
+        (key, seed, requests)
+        for key in keys
+        for seed in range(seeds)
         for requests in (settings.short, settings.long)
     ]
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        totals = dict(zip(runs, pool.map(lambda run: _count(*run, settings), runs), strict=True))
+        found = pool.map(lambda run: _callgrind(arguments(run[0], run[2]), run[1]), runs)
+        totals = dict(zip(runs, found, strict=True))
     span = settings.long - settings.short
-
-    def per_request(observed: bool, seed: int) -> float:
-        long, short = totals[observed, seed, settings.long], totals[observed, seed, settings.short]
-        return (long - short) / span
-
-    seeds = range(settings.seeds)
-    return InstructionResult(
-        off_counts=[per_request(False, seed) for seed in seeds],
-        on_counts=[per_request(True, seed) for seed in seeds],
-        requests=span,
-    )
+    return {
+        key: [
+            (totals[key, seed, settings.long] - totals[key, seed, settings.short]) / span
+            for seed in range(seeds)
+        ]
+        for key in keys
+    }
 
 
 def _hold_still() -> None:
@@ -164,13 +236,46 @@ async def _serve(observed: bool, requests: int, warmup: int) -> None:
         engine.dispose()
 
 
+async def _serve_scenario(
+    contender_key: str, scenario_key: str, requests: int, warmup: int
+) -> None:
+    from .contenders import BY_KEY, Target
+    from .database import postgres_urls
+    from .driver import AsgiDriver
+    from .inprocess import run_batch
+    from .scenarios import BY_KEY as SCENARIOS
+
+    scenario = SCENARIOS[scenario_key]
+    if scenario.database != "postgres":
+        raise SystemExit(f"{scenario_key}: only the PostgreSQL scenarios are counted")
+    contender = BY_KEY[contender_key]
+    target = Target(mode=scenario.app_mode(contender), urls=postgres_urls())
+    built = await contender.build(target)
+    driver = AsgiDriver(built.app)
+    await driver.start()
+    try:
+        await run_batch(driver, scenario, warmup, collect=False)
+        gc.collect()
+        gc.freeze()
+        gc.disable()
+        await run_batch(driver, scenario, requests, warmup, collect=False)
+    finally:
+        await driver.stop()
+        await built.close()
+
+
 def main(argv: list[str]) -> None:
-    """``python -m benchmarks.instructions on|off REQUESTS WARMUP``: what callgrind runs."""
+    """What callgrind runs: ``python -m benchmarks.instructions on|off REQUESTS WARMUP`` (the
+    hop-free route) or ``... scenario CONTENDER SCENARIO REQUESTS WARMUP``."""
     from .logging_setup import configure_production_logging
 
-    mode, requests, warmup = argv
     configure_production_logging()
     _hold_still()
+    if argv[0] == "scenario":
+        contender, scenario, requests, warmup = argv[1:]
+        asyncio.run(_serve_scenario(contender, scenario, int(requests), int(warmup)))
+        return
+    mode, requests, warmup = argv
     asyncio.run(_serve(mode == "on", int(requests), int(warmup)))
 
 

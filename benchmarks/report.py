@@ -115,7 +115,21 @@ def _speed_target(results: Results, scenario: str, limit: float) -> Verdict:
     value = results.median(scenario, SESSIONSCOPE)
     base = results.median(scenario, BASELINE)
     figures = f"sessionscope {_fmt(value or 0)} µs vs {_fmt(base or 0)} µs = {ours:.2f}x; {peers}"
-    return Verdict(target, figures, ours <= limit and beats)
+    return Verdict(target, figures + _counted_text(results, scenario), ours <= limit and beats)
+
+
+def _counted_text(results: Results, scenario: str) -> str:
+    """The scenario's instruction counts, where callgrind counted them (asyncpg)."""
+    counted = next((c for c in results.scenario_instructions if c.scenario == scenario), None)
+    if counted is None:
+        return ""
+    ours, off = counted.ratio(SESSIONSCOPE, BASELINE), counted.ratio(SESSIONSCOPE_OFF, BASELINE)
+    if ours is None:
+        return ""
+    return (
+        f"; callgrind: {counted.mean(SESSIONSCOPE):,.0f} vs {counted.mean(BASELINE):,.0f} "
+        f"instructions/request = {ours:.3f}x" + (f" (off: {off:.3f}x)" if off is not None else "")
+    )
 
 
 def _nodb_target(results: Results) -> Verdict:
@@ -407,7 +421,7 @@ Not measured:
 
 {_overhead_section(results)}
 
-## Scaling
+{_scenario_instructions_section(results)}## Scaling
 
 {_scaling_table(results)}
 
@@ -455,6 +469,31 @@ def _overhead_section(results: Results) -> str:
         f"{q1:+.1f} to {q3:+.1f}; the request itself costs {paired.off_median:.0f} µs with "
         "them off."
     ) + _instructions_text(results)
+
+
+def _scenario_instructions_section(results: Results) -> str:
+    if not results.scenario_instructions:
+        return ""
+    contenders = list(results.scenario_instructions[0].counts)
+    lines = [
+        "## asyncpg: instructions per request",
+        "",
+        "Every contender sends the same statements on asyncpg, so their wall times differ by",
+        "less than they move between runs here. Counted with callgrind instead (the app's",
+        "process only: not PostgreSQL's work, nor the kernel's; a short and a long batch in",
+        "separate processes, garbage collection and the once-a-second work held still, see",
+        "`benchmarks/instructions.py`), ratio to `Depends(get_db)`:",
+        "",
+        "| scenario | " + " | ".join(BY_KEY[k].label for k in contenders) + " |",
+        "|---|" + "---:|" * len(contenders),
+    ]
+    for counted in results.scenario_instructions:
+        cells = []
+        for key in contenders:
+            mean, ratio = counted.mean(key), counted.ratio(key, BASELINE)
+            cells.append("-" if mean is None or ratio is None else f"{mean:,.0f} ({ratio:.3f}x)")
+        lines.append(f"| {SCENARIOS[counted.scenario].label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\n"
 
 
 def _instructions_text(results: Results) -> str:

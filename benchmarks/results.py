@@ -9,7 +9,7 @@ from typing import Any
 
 from .e2e import E2EMeasurement
 from .inprocess import Measurement
-from .instructions import InstructionResult
+from .instructions import InstructionResult, ScenarioInstructions
 from .overhead import OverheadResult
 from .rss import RssResult
 
@@ -33,6 +33,8 @@ class Results:
     """Metrics and logging on minus off, paired, on a hop-free database route."""
     instructions: InstructionResult | None = None
     """The same route's instructions per request under callgrind, on and off."""
+    scenario_instructions: list[ScenarioInstructions] = field(default_factory=list)
+    """The asyncpg scenarios' instructions per request under callgrind, per contender."""
     e2e: list[E2EMeasurement] = field(default_factory=list)
     e2e_peer: str | None = None
     postgres_version: str | None = None

@@ -15,7 +15,7 @@ from . import contenders as c
 from .database import postgres_available, postgres_urls, prepare
 from .e2e import E2ESettings, load_generator, run_e2e
 from .inprocess import RunSettings, run_inprocess
-from .instructions import InstructionSettings, available, measure_instructions
+from .instructions import InstructionSettings, available, count_scenarios, measure_instructions
 from .machine import describe, postgres_version
 from .overhead import OverheadSettings, measure_overhead
 from .results import Results, load_measurements
@@ -40,6 +40,12 @@ class SuiteSettings:
     rss_checkpoint: int
     extra_python: str | None
     skip: frozenset[str]
+
+
+COUNTED_CONTENDERS = ("get_db", "ss_on", "ss_off")
+COUNTED_SCENARIOS = ("pg_aread", "pg_ainsert")
+"""What is counted under callgrind besides the on/off route: the asyncpg scenarios, where the
+contenders' wall times lie within a few % of each other."""
 
 
 def _extra_run(python: str, settings: RunSettings, work: Path) -> Path:
@@ -128,6 +134,15 @@ def run_suite(settings: SuiteSettings) -> Results:
                     "Instruction counts skipped: valgrind is not installed "
                     "(Debian: apt-get install valgrind)."
                 )
+        if "pg-instructions" not in settings.skip and available() and has_pg:
+            _log("asyncpg read and insert: instructions under callgrind")
+            prepare(pg)
+            results.scenario_instructions = (
+                count_scenarios(
+                    list(COUNTED_CONTENDERS), list(COUNTED_SCENARIOS), settings.instructions
+                )
+                or []
+            )
         if "scaling" not in settings.skip:
             scaled = [c.BY_KEY["get_db"], c.BY_KEY["ss_on"]]
             _log("scaling: routes")
