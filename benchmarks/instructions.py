@@ -18,8 +18,9 @@ requests a second.
 The same way, :func:`count_scenarios` counts one request of a scenario of the in-process table
 (the asyncpg read and insert) under several contenders: on asyncpg every contender sends the
 same statements, the ratios of wall times sit within a few % of 1.00 and move by more than that
-between runs of a shared VM, and the instruction count settles which contender's own work per
-request is larger.
+between runs of a shared VM; the instruction count of the app's process does not move with the
+machine's load (it leaves out PostgreSQL's work and the kernel's, and it moves by a percent or
+two with the batch sizes and the warm-up, which are the same for every contender).
 
 Runs only where ``valgrind`` is installed (Debian: ``apt-get install valgrind``).
 """

@@ -140,9 +140,17 @@ def _nodb_target(results: Results) -> Verdict:
         return Verdict(target, "not measured", None)
     off = results.median("nodb", SESSIONSCOPE_OFF)
     extra = f" (off: {off / bare:.2f}x)" if off is not None else ""
+    same = results.median("nodb", BASELINE)
+    # Depends(get_db)'s app runs exactly bare FastAPI's code on this route (no dependency, no
+    # middleware): how far its ratio is from 1.00 shows how far this run's timing can be trusted.
+    check = (
+        f"; noise check: Depends(get_db), the same code as bare on this route, {same / bare:.2f}x"
+        if same is not None
+        else ""
+    )
     return Verdict(
         target,
-        f"{_fmt(ours)} µs vs {_fmt(bare)} µs = {ours / bare:.2f}x{extra}",
+        f"{_fmt(ours)} µs vs {_fmt(bare)} µs = {ours / bare:.2f}x{extra}{check}",
         ours / bare <= 1.25,
     )
 

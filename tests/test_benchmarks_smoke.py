@@ -151,6 +151,7 @@ def test_report_renders_with_every_part() -> None:
             Measurement("read", "ss_on", [80.0]),
             Measurement("nodb", "bare", [10.0]),
             Measurement("nodb", "ss_on", [12.0]),
+            Measurement("nodb", "get_db", [11.5]),
         ],
         routes=[
             Measurement("routes_1", "ss_on", [80.0]),
@@ -166,6 +167,10 @@ def test_report_renders_with_every_part() -> None:
     assert "Depends(get_db)" in comparison_table(results)
     assert "## Targets" in text
     assert any(v.met for v in verdicts(results))
+    (nodb,) = [v for v in verdicts(results) if v.target.startswith("DB-less")]
+    assert nodb.met  # 1.20x; the noise check is shown, not judged
+    assert "= 1.20x; noise check: Depends(get_db), the same code as bare" in nodb.figures
+    assert "1.15x" in nodb.figures
 
 
 def test_a_peer_of_the_extra_venv_is_compared_with_sessionscope_measured_in_that_venv() -> None:
