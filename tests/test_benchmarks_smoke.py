@@ -35,6 +35,7 @@ from benchmarks.results import Results
 from benchmarks.rss import measure_rss
 from benchmarks.scaling import ScalingSettings, measure_open_sessions, measure_routes
 from benchmarks.scenarios import SCENARIOS
+from benchmarks.suite import COUNTED_CONTENDERS, COUNTED_SCENARIOS
 
 from .support import postgres_url
 
@@ -236,8 +237,8 @@ def test_instruction_count_child_serves_the_route_with_metrics_on_and_off() -> N
 def test_instruction_count_child_serves_the_asyncpg_scenarios_for_each_counted_contender() -> None:
     url = postgres_url()
     prepare(postgres_urls(url))
-    for contender in ("get_db", "ss_on", "ss_off"):
-        for scenario in ("pg_aread", "pg_ainsert"):
+    for contender in COUNTED_CONTENDERS:
+        for scenario in COUNTED_SCENARIOS:
             command = ["scenario", contender, scenario, "3", "2"]
             done = subprocess.run(
                 [sys.executable, "-m", "benchmarks.instructions", *command],
