@@ -19,6 +19,7 @@ import pytest
 
 from benchmarks import contenders as c
 from benchmarks import instructions
+from benchmarks.contenders.base import built
 from benchmarks.database import POSTGRES_URL_ENV, postgres_urls, prepare, remove_sqlite_pragmas
 from benchmarks.e2e import E2EMeasurement, LoadResult, parse_wrk
 from benchmarks.inprocess import Measurement, RunSettings, run_inprocess
@@ -86,9 +87,10 @@ def test_every_sqlite_scenario_runs_for_every_local_contender(tmp_path: Path) ->
 
 def test_the_rounds_rotate_over_copies_of_each_contenders_app(tmp_path: Path) -> None:
     served: list[int] = []
+    built_copies: list[int] = []
 
     async def build(target: Any) -> c.Built:
-        copy = sum(1 for _ in built_copies)
+        copy = len(built_copies)
         built_copies.append(copy)
 
         async def app(scope: Any, receive: Any, send: Any) -> None:
@@ -98,9 +100,8 @@ def test_the_rounds_rotate_over_copies_of_each_contenders_app(tmp_path: Path) ->
             await send({"type": "http.response.start", "status": 200, "headers": []})
             await send({"type": "http.response.body", "body": b""})
 
-        return c.Built(app=app, close=_nothing)
+        return built(app)  # type: ignore[arg-type]
 
-    built_copies: list[int] = []
     counting = c.Contender(
         key="copies", label="copies", modes=frozenset({"sync"}), build=build, db_free=True
     )
@@ -116,10 +117,6 @@ def test_the_rounds_rotate_over_copies_of_each_contenders_app(tmp_path: Path) ->
     assert warmups == [0, 0, 1, 1, 2, 2]
     assert rounds == [0] * 5 + [1] * 5 + [2] * 5 + [0] * 5  # round r measures copy r % 3
     assert len(measurements[0].samples) == 4
-
-
-async def _nothing() -> None:
-    return None
 
 
 def test_scaling_and_memory_run(tmp_path: Path) -> None:

@@ -191,12 +191,15 @@ class PoolInstruments:
 
         idle_queue = _idle_queue(pool)
         idle = getattr(pool, "checkedin", None)
+        # An async pool makes its queue at its first checkout, on the event loop: look again
+        # then. Pools without a queue (NullPool, StaticPool, SingletonThreadPool) never ask.
+        queue_later = idle_queue is None and getattr(pool, "_pool", None) is not None
 
         def connect() -> PoolProxiedConnection:
-            nonlocal idle_queue
-            if idle_queue is None:
-                # An async pool makes its queue at its first checkout, on the event loop.
+            nonlocal idle_queue, queue_later
+            if queue_later:
                 idle_queue = _idle_queue(pool)
+                queue_later = idle_queue is None
             # With an idle connection in the pool the checkout does not wait: it is not
             # counted as pending (two locked gauge updates saved on the common path).
             may_wait = not idle_queue if idle_queue is not None else idle is None or idle() <= 0
