@@ -237,28 +237,43 @@ class RequestSession(StatementTally):
 
     # -- decided ---------------------------------------------------------------------------
 
-    async def send(self, message: Message) -> None:
-        """The ``send`` the application sees: decides at ``http.response.start``."""
+    def send(self, message: Message) -> Awaitable[None]:
+        """The ``send`` the application sees: decides at ``http.response.start``.
+
+        A plain function returning what the application awaits: a message that needs no
+        decision (every message of a request that never opened its session, and the body)
+        goes straight to the server's ``send``, without a coroutine of its own.
+        """
         if self.phase is _RUNNING and message["type"] == "http.response.start":
-            self.status = status = message["status"]
             if self.session is not None:
-                # A cancellation held back while a worker thread ran (anyio delivers it at the
-                # next checkpoint) must turn into a rollback here, not come after a commit.
-                await anyio.lowlevel.checkpoint_if_cancelled()
-            committed = self.session is None or await self._decide(status)
-            self.phase = _DECIDED
-            self.late = True
-            if self.slot is not None:
-                self._release_slot()
-            if not committed:
-                self.replaced = True
-                await self._send_all(error_response(500))
-                return
-            if self.hooks is not None and self.outcome == oc.COMMIT:
-                await self.hooks.run(self, self.hooks.before)
+                return self._decide_and_send(message)
+            self.status = message["status"]
+            self._decided()
         elif self.replaced:
+            return _dropped()
+        return self._send(message)
+
+    async def _decide_and_send(self, message: Message) -> None:
+        """Commit or roll back for the response start, then send it (or a ``500`` instead)."""
+        self.status = status = message["status"]
+        # A cancellation held back while a worker thread ran (anyio delivers it at the next
+        # checkpoint) must turn into a rollback here, not come after a commit.
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        committed = await self._decide(status)
+        self._decided()
+        if not committed:
+            self.replaced = True
+            await self._send_all(error_response(500))
             return
+        if self.hooks is not None and self.outcome == oc.COMMIT:
+            await self.hooks.run(self, self.hooks.before)
         await self._send(message)
+
+    def _decided(self) -> None:
+        self.phase = _DECIDED
+        self.late = True
+        if self.slot is not None:
+            self._release_slot()
 
     async def _decide(self, status: int) -> bool:
         """Commit or roll back for ``status``; ``False`` if the commit failed."""
@@ -422,6 +437,10 @@ def closed_error(settings: SessionSettings, route: str, verb: str) -> SessionClo
         f"(route {route}) was {verb} after its request finished; work that outlives the "
         "request must open its own session, e.g. `with session_scope(engine) as session:`"
     )
+
+
+async def _dropped() -> None:
+    """What sending a message costs once the response was replaced: nothing is sent."""
 
 
 def _on_event_loop() -> bool:
