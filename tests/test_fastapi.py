@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import httpx
@@ -162,6 +163,40 @@ async def test_two_databases_each_get_their_own_session_by_name(tmp_path: Any) -
     finally:
         await main.dispose()
         await audit.dispose()
+
+
+@pytest.mark.parametrize("scope", [None, "function"])
+async def test_yield_dependencies_of_either_scope_can_build_on_the_request_session(
+    backend: Backend, scope: str | None
+) -> None:
+    from collections.abc import AsyncIterator
+
+    from fastapi import Depends
+
+    if scope is not None and "scope" not in inspect.signature(Depends).parameters:
+        pytest.fail("this FastAPI has no Depends(scope=): the test needs FastAPI >= 0.121")
+    # The very Depends of the Annotated type (this module's annotations are strings, which
+    # FastAPI resolves against the module, not this function).
+    session: Any = (AsyncDBSession if backend.is_async else DBSession).__metadata__[0]
+    seen: list[Any] = []
+
+    async def repository(db: Any = session) -> AsyncIterator[Any]:  # a user's yield dependency
+        seen.append(db)
+        yield db
+
+    depends = Depends(repository) if scope is None else Depends(repository, scope=scope)
+    app = FastAPI()
+    app.add_middleware(DBSessionMiddleware, engine=backend.engine, registry=CollectorRegistry())
+
+    @app.post("/items/{name}", status_code=201)
+    async def create(name: str, request: Request, repo: Any = depends, db: Any = session) -> None:
+        assert repo is db is request.state.db
+        await backend.insert(db, name)
+
+    async with client(app) as c:
+        assert (await c.post("/items/yielded")).status_code == 201
+    assert backend.names() == ["yielded"]
+    assert len(seen) == 1
 
 
 async def test_asking_for_the_wrong_session_kind_is_a_clear_error(backend: Backend) -> None:
