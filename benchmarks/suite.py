@@ -46,6 +46,9 @@ COUNTED_CONTENDERS = ("get_db", "ss_on", "ss_off")
 COUNTED_SCENARIOS = ("pg_aread", "pg_ainsert")
 """What is counted under callgrind besides the on/off route: the asyncpg scenarios, where the
 contenders' wall times lie within a few % of each other."""
+COUNTED_NODB_CONTENDERS = ("bare", "get_db", "ss_on", "ss_off")
+"""Counted on the DB-less route too: there identical code times up to 15 % apart between
+app copies, as much as the margin of its target."""
 
 
 def _extra_run(python: str, settings: RunSettings, work: Path) -> Path:
@@ -134,10 +137,16 @@ def run_suite(settings: SuiteSettings) -> Results:
                     "Instruction counts skipped: valgrind is not installed "
                     "(Debian: apt-get install valgrind)."
                 )
+        if "nodb-instructions" not in settings.skip and available():
+            _log("DB-less route: instructions under callgrind")
+            results.scenario_instructions += (
+                count_scenarios(list(COUNTED_NODB_CONTENDERS), ["nodb"], settings.instructions)
+                or []
+            )
         if "pg-instructions" not in settings.skip and available() and has_pg:
             _log("asyncpg read and insert: instructions under callgrind")
             prepare(pg)
-            results.scenario_instructions = (
+            results.scenario_instructions += (
                 count_scenarios(
                     list(COUNTED_CONTENDERS), list(COUNTED_SCENARIOS), settings.instructions
                 )

@@ -23,7 +23,7 @@ from benchmarks.contenders.base import built
 from benchmarks.database import POSTGRES_URL_ENV, postgres_urls, prepare, remove_sqlite_pragmas
 from benchmarks.e2e import E2EMeasurement, LoadResult, parse_wrk
 from benchmarks.inprocess import Measurement, RunSettings, run_inprocess
-from benchmarks.instructions import InstructionResult
+from benchmarks.instructions import InstructionResult, ScenarioInstructions
 from benchmarks.overhead import OverheadResult, OverheadSettings, measure_overhead
 from benchmarks.report import (
     comparison_table,
@@ -36,7 +36,7 @@ from benchmarks.results import Results
 from benchmarks.rss import measure_rss
 from benchmarks.scaling import ScalingSettings, measure_open_sessions, measure_routes
 from benchmarks.scenarios import SCENARIOS
-from benchmarks.suite import COUNTED_CONTENDERS, COUNTED_SCENARIOS
+from benchmarks.suite import COUNTED_CONTENDERS, COUNTED_NODB_CONTENDERS, COUNTED_SCENARIOS
 
 from .support import postgres_url
 
@@ -230,6 +230,28 @@ def test_instruction_count_child_serves_the_route_with_metrics_on_and_off() -> N
         assert done.returncode == 0, done.stderr
 
 
+def test_instruction_count_child_serves_the_db_less_route_for_each_counted_contender() -> None:
+    for contender in COUNTED_NODB_CONTENDERS:
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.instructions",
+                "scenario",
+                contender,
+                "nodb",
+                "3",
+                "2",
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+
+
 @pytest.mark.postgres
 def test_instruction_count_child_serves_the_asyncpg_scenarios_for_each_counted_contender() -> None:
     url = postgres_url()
@@ -332,5 +354,23 @@ def test_scenario_instruction_counts_are_per_request_for_each_contender(
     assert verdict.met  # judged on the timing, as the issue sets it; the count stands beside it
     assert "callgrind: 1,030 vs 1,000 instructions/request = 1.030x" in verdict.figures
     text = render(results)
-    assert "## asyncpg: instructions per request" in text
+    assert "## Instructions per request" in text
     assert "| asyncpg insert | 1,200 (1.000x) | 1,150 (0.958x) |" in text
+
+
+def test_the_db_less_count_is_shown_against_bare_fastapi_beside_the_timed_verdict() -> None:
+    counted = [
+        ScenarioInstructions("nodb", {"bare": [280_000.0], "ss_on": [308_000.0]}, requests=500),
+        ScenarioInstructions("pg_aread", {"get_db": [1_000.0], "ss_on": [990.0]}, requests=500),
+    ]
+    results = _results(
+        inprocess=[Measurement("nodb", "bare", [30.0]), Measurement("nodb", "ss_on", [39.0])],
+        scenario_instructions=counted,
+    )
+    (verdict,) = [v for v in verdicts(results) if v.target.startswith("DB-less route")]
+    assert verdict.met is False  # judged on the timing (1.30x), the count (1.10x) beside it
+    assert "callgrind: 308,000 vs 280,000 instructions/request = 1.100x" in verdict.figures
+    text = render(results)
+    assert "| scenario | bare FastAPI (no sessions) | sessionscope (metrics+logging on) |" in text
+    assert "| DB-less route | 280,000 (1.000x) | 308,000 (1.100x) | - |" in text
+    assert "| asyncpg read | - | 990 (0.990x) | 1,000 (1.000x) |" in text
