@@ -440,7 +440,7 @@ def closed_error(settings: SessionSettings, route: str, verb: str) -> SessionClo
 
 
 async def _dropped() -> None:
-    """What sending a message costs once the response was replaced: nothing is sent."""
+    """A message sent after the response was replaced by a ``500``: it is dropped."""
 
 
 def _on_event_loop() -> bool:
