@@ -18,7 +18,7 @@ requests a second.
 The same way, :func:`count_scenarios` counts one request of a scenario of the in-process table
 under several contenders: the asyncpg read and insert, where every contender sends the same
 statements and the ratios of wall times sit within a few % of 1.00, moving by more than that
-between runs of a shared VM; and the DB-less route, where two copies of one app time up to 15 %
+between runs of a shared VM; and the DB-less route, where two copies of one app time 15 % or more
 apart. The instruction count of the app's process does not move with the machine's load (it
 leaves out PostgreSQL's work and the kernel's, and it moves by a percent or two with the batch
 sizes and the warm-up, which are the same for every contender).

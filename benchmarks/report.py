@@ -492,7 +492,7 @@ def _scenario_instructions_section(results: Results) -> str:
         "",
         "Every contender sends the same statements on asyncpg, so their wall times differ by",
         "less than they move between runs here; on the DB-less route two copies of one app",
-        "time up to 15 % apart. Counted with callgrind instead (the app's process only: not",
+        "time 15 % or more apart. Counted with callgrind instead (the app's process only: not",
         "PostgreSQL's work, nor the kernel's; a short and a long batch in separate processes,",
         "garbage collection and the once-a-second work held still, see",
         "`benchmarks/instructions.py`), ratio to `Depends(get_db)` (DB-less route: to bare",

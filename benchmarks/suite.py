@@ -47,7 +47,7 @@ COUNTED_SCENARIOS = ("pg_aread", "pg_ainsert")
 """What is counted under callgrind besides the on/off route: the asyncpg scenarios, where the
 contenders' wall times lie within a few % of each other."""
 COUNTED_NODB_CONTENDERS = ("bare", "get_db", "ss_on", "ss_off")
-"""Counted on the DB-less route too: there identical code times up to 15 % apart between
+"""Counted on the DB-less route too: there identical code times 15 % or more apart between
 app copies, as much as the margin of its target."""
 
 
