@@ -217,39 +217,28 @@ def test_scaling_share_subtracts_the_baselines_change_in_the_same_round() -> Non
     assert shares == pytest.approx([0.02, 0.02])
 
 
+def _count_child(*arguments: str, env: dict[str, str] | None = None) -> None:
+    """Run what callgrind runs (``python -m benchmarks.instructions ARGUMENTS``), without it."""
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.instructions", *arguments],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+
+
 def test_instruction_count_child_serves_the_route_with_metrics_on_and_off() -> None:
     for mode in ("on", "off"):
-        done = subprocess.run(
-            [sys.executable, "-m", "benchmarks.instructions", mode, "5", "5"],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        assert done.returncode == 0, done.stderr
+        _count_child(mode, "5", "5")
 
 
 def test_instruction_count_child_serves_the_db_less_route_for_each_counted_contender() -> None:
     for contender in COUNTED_NODB_CONTENDERS:
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "benchmarks.instructions",
-                "scenario",
-                contender,
-                "nodb",
-                "3",
-                "2",
-            ],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        assert done.returncode == 0, done.stderr
+        _count_child("scenario", contender, "nodb", "3", "2")
 
 
 @pytest.mark.postgres
@@ -258,17 +247,9 @@ def test_instruction_count_child_serves_the_asyncpg_scenarios_for_each_counted_c
     prepare(postgres_urls(url))
     for contender in COUNTED_CONTENDERS:
         for scenario in COUNTED_SCENARIOS:
-            command = ["scenario", contender, scenario, "3", "2"]
-            done = subprocess.run(
-                [sys.executable, "-m", "benchmarks.instructions", *command],
-                cwd=REPO,
-                env={**os.environ, POSTGRES_URL_ENV: url},
-                capture_output=True,
-                text=True,
-                timeout=120,
-                check=False,
+            _count_child(
+                "scenario", contender, scenario, "3", "2", env={**os.environ, POSTGRES_URL_ENV: url}
             )
-            assert done.returncode == 0, done.stderr
 
 
 @pytest.mark.parametrize(("on", "met"), [(1_020_000, True), (1_030_000, False)])
