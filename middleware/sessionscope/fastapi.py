@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Coroutine
-from typing import Annotated, Any, Final
+from typing import Annotated, Any
 
 from fastapi import Depends
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -53,17 +53,22 @@ def get_session(name: str | None = None, *, kind: type[Any] | None = None) -> Se
     return request_session
 
 
-# The session lives until the response has been sent: a request-scoped dependency (FastAPI >=
-# 0.121 takes the scope). Declaring it also spares FastAPI two look-ups a request that would
-# work the scope out (about 9,000 instructions, an eighth of what the dependency costs it).
-_REQUEST_SCOPE: Final[dict[str, Any]] = (
-    {"scope": "request"} if "scope" in inspect.signature(Depends).parameters else {}
-)
+def _request_scoped(dependency: SessionDependency) -> Any:
+    """``Depends(dependency, scope="request")`` where FastAPI takes a scope (>= 0.121).
 
-DBSession = Annotated[Session, Depends(get_session(kind=Session), **_REQUEST_SCOPE)]
+    The session lives until the response has been sent: a request-scoped dependency. Saying so
+    also spares FastAPI two look-ups a request that would work the scope out (about 9,000
+    instructions, an eighth of what solving the dependency costs it).
+    """
+    if "scope" in inspect.signature(Depends).parameters:
+        return Depends(dependency, scope="request")
+    return Depends(dependency)
+
+
+DBSession = Annotated[Session, _request_scoped(get_session(kind=Session))]
 """A route parameter that receives the request's sync ``Session``."""
 
-AsyncDBSession = Annotated[AsyncSession, Depends(get_session(kind=AsyncSession), **_REQUEST_SCOPE)]
+AsyncDBSession = Annotated[AsyncSession, _request_scoped(get_session(kind=AsyncSession))]
 """A route parameter that receives the request's ``AsyncSession``."""
 
 __all__ = ["AsyncDBSession", "DBSession", "get_session"]
