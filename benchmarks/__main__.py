@@ -79,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
         default=os.environ.get("BENCH_SKIP", ""),
         help=(
             "comma-separated parts to skip: extra, overhead, instructions, nodb-instructions, "
-            "pg-instructions, scaling, rss, e2e (env BENCH_SKIP)"
+            "pg-instructions, scaling, scaling-instructions, rss, e2e (env BENCH_SKIP)"
         ),
     )
     parser.add_argument("--contenders", help="inprocess: comma-separated contender keys")

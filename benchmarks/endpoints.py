@@ -1,7 +1,8 @@
 """The endpoints every contender serves, written once for each way a route gets its session.
 
 A contender either injects the session as a route parameter (an ``Annotated[..., Depends()]``
-type) or exposes it through a proxy the route reads (``db.session``). ``commit_in_route`` is
+type), exposes it through a proxy the route reads (``db.session``), or leaves it in the
+request's state (``request.state.db``). ``commit_in_route`` is
 the hand-written pattern's explicit ``commit()``; session managers commit by themselves.
 
 Paths: ``GET /nodb`` (no database), ``GET /items/{item_id}`` (one-row read), ``POST /items``
@@ -17,7 +18,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, HTTPException, Request
 from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
@@ -149,6 +150,44 @@ def add_async_proxy_routes(
     @app.post(prefix + CONFLICT_PATH, status_code=201)
     async def insert_conflict() -> dict[str, bool]:
         await session().execute(_INSERT)
+        raise HTTPException(status_code=409, detail="conflict")
+
+
+def add_state_routes(app: FastAPI, mode: str, state_key: str = "db") -> None:
+    """Routes that read the request session from ``request.state.<state_key>`` (sessionscope
+    without its ``DBSession`` dependency): sync (threadpool) or async, as ``mode`` says."""
+    if mode == "sync":
+
+        @app.get(READ_PATH)
+        def read_item(item_id: int, request: Request) -> dict[str, Any]:
+            db: Session = getattr(request.state, state_key)
+            return _row(db.execute(_READ.where(items.c.id == item_id)).one())
+
+        @app.post(INSERT_PATH, status_code=201)
+        def insert_item(request: Request) -> dict[str, bool]:
+            getattr(request.state, state_key).execute(_INSERT)
+            return {"ok": True}
+
+        @app.post(CONFLICT_PATH, status_code=201)
+        def insert_conflict(request: Request) -> dict[str, bool]:
+            getattr(request.state, state_key).execute(_INSERT)
+            raise HTTPException(status_code=409, detail="conflict")
+
+        return
+
+    @app.get(READ_PATH)
+    async def aread_item(item_id: int, request: Request) -> dict[str, Any]:
+        db: AsyncSession = getattr(request.state, state_key)
+        return _row((await db.execute(_READ.where(items.c.id == item_id))).one())
+
+    @app.post(INSERT_PATH, status_code=201)
+    async def ainsert_item(request: Request) -> dict[str, bool]:
+        await getattr(request.state, state_key).execute(_INSERT)
+        return {"ok": True}
+
+    @app.post(CONFLICT_PATH, status_code=201)
+    async def ainsert_conflict(request: Request) -> dict[str, bool]:
+        await getattr(request.state, state_key).execute(_INSERT)
         raise HTTPException(status_code=409, detail="conflict")
 
 

@@ -23,6 +23,13 @@ apart. The instruction count of the app's process does not move with the machine
 leaves out PostgreSQL's work and the kernel's, and it moves by a percent or two with the batch
 sizes and the warm-up, which are the same for every contender).
 
+:func:`count_scaling` counts the scaling measurements the same way: the asyncpg read served by
+1 vs 500 routes, and while 10 vs 1,000 other requests hold their session open. The timed
+rounds of :mod:`benchmarks.scaling` spread sessionscope's own share of the change over tens of
+percent, against a target of 5 %; the count tells whether its per-request work grows. The
+asyncpg read has no worker thread, so every instruction counted is the request's own on the
+event loop.
+
 Runs only where ``valgrind`` is installed (Debian: ``apt-get install valgrind``).
 """
 
@@ -39,9 +46,14 @@ import sys
 import tempfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:
+    from .driver import AsgiDriver
+    from .scenarios import Scenario
 
 REPO = Path(__file__).resolve().parent.parent
 _COLLECTED = re.compile(r"Collected\s*:\s*(\d+)")
@@ -183,6 +195,33 @@ def count_scenarios(
     ]
 
 
+def count_scaling(
+    contenders: list[str], levels: dict[str, tuple[int, int]], settings: InstructionSettings
+) -> list[ScenarioInstructions] | None:
+    """Instructions per request of the asyncpg read at each scaling level, under each
+    contender; ``None`` without valgrind. ``levels`` maps ``"routes"`` and ``"open"`` to their
+    low and high levels; each result's ``scenario`` is ``"<kind>_<level>"`` (as in
+    :mod:`benchmarks.scaling`). The read's table must be prepared."""
+    if not available():
+        return None
+    runs = [(kind, level) for kind, pair in levels.items() for level in pair]
+
+    def arguments(run: tuple[str, int, str], requests: int) -> list[str]:
+        kind, level, contender = run
+        return ["scaling", contender, kind, str(level), str(requests), str(settings.warmup)]
+
+    keys = [(kind, level, contender) for kind, level in runs for contender in contenders]
+    counts = _per_request(keys, settings.scenario_seeds, settings, arguments)
+    return [
+        ScenarioInstructions(
+            scenario=f"{kind}_{level}",
+            counts={k: counts[kind, level, k] for k in contenders},
+            requests=settings.long - settings.short,
+        )
+        for kind, level in runs
+    ]
+
+
 def _per_request(
     keys: list[K],
     seeds: int,
@@ -244,7 +283,6 @@ async def _serve_scenario(
     from .contenders import BY_KEY, Target
     from .database import postgres_urls, sqlite_urls
     from .driver import AsgiDriver
-    from .inprocess import run_batch
     from .scenarios import BY_KEY as SCENARIOS
 
     scenario = SCENARIOS[scenario_key]
@@ -258,19 +296,64 @@ async def _serve_scenario(
         driver = AsgiDriver(built.app)
         await driver.start()
         try:
-            await run_batch(driver, scenario, warmup, collect=False)
-            gc.collect()
-            gc.freeze()
-            gc.disable()
-            await run_batch(driver, scenario, requests, warmup, collect=False)
+            await _counted_batch(driver, scenario, warmup, requests)
         finally:
             await driver.stop()
             await built.close()
 
 
+SCALING_SCENARIO = "pg_aread"
+"""What :func:`count_scaling` counts: the asyncpg read (no worker thread)."""
+
+
+async def _serve_scaling(
+    contender_key: str, kind: str, level: int, requests: int, warmup: int
+) -> None:
+    from .contenders import BY_KEY, Target
+    from .database import postgres_urls
+    from .driver import AsgiDriver
+    from .endpoints import HoldGate
+    from .scaling import sessions_held, spread
+    from .scenarios import BY_KEY as SCENARIOS
+
+    if kind not in ("routes", "open"):
+        raise SystemExit(f"{kind}: the scaling kinds are 'routes' and 'open'")
+    copies = level if kind == "routes" else 1
+    gate = HoldGate() if kind == "open" else None
+    scenario = spread(copies, SCENARIOS[SCALING_SCENARIO])
+    target = Target(mode="async", urls=postgres_urls(), route_copies=copies, hold_gate=gate)
+    built = await BY_KEY[contender_key].build(target)
+    driver = AsgiDriver(built.app)
+    await driver.start()
+    try:
+        held: AbstractAsyncContextManager[None] = (
+            nullcontext() if gate is None else sessions_held(driver, gate, level)
+        )
+        async with held:
+            # Every route is seen in the warm-up: first-sight work is not a per-request cost.
+            await _counted_batch(driver, scenario, max(warmup, 2 * copies), requests)
+    finally:
+        await driver.stop()
+        await built.close()
+
+
+async def _counted_batch(
+    driver: AsgiDriver, scenario: Scenario, warmup: int, requests: int
+) -> None:
+    """``warmup`` requests, then ``requests`` more with garbage collection held still."""
+    from .inprocess import run_batch
+
+    await run_batch(driver, scenario, warmup, collect=False)
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+    await run_batch(driver, scenario, requests, warmup, collect=False)
+
+
 def main(argv: list[str]) -> None:
     """What callgrind runs: ``python -m benchmarks.instructions on|off REQUESTS WARMUP`` (the
-    hop-free route) or ``... scenario CONTENDER SCENARIO REQUESTS WARMUP``."""
+    hop-free route), ``... scenario CONTENDER SCENARIO REQUESTS WARMUP`` or ``... scaling
+    CONTENDER routes|open LEVEL REQUESTS WARMUP``."""
     from .logging_setup import configure_production_logging
 
     configure_production_logging()
@@ -278,6 +361,10 @@ def main(argv: list[str]) -> None:
     if argv[0] == "scenario":
         contender, scenario, requests, warmup = argv[1:]
         asyncio.run(_serve_scenario(contender, scenario, int(requests), int(warmup)))
+        return
+    if argv[0] == "scaling":
+        contender, kind, level, requests, warmup = argv[1:]
+        asyncio.run(_serve_scaling(contender, kind, int(level), int(requests), int(warmup)))
         return
     mode, requests, warmup = argv
     asyncio.run(_serve(mode == "on", int(requests), int(warmup)))

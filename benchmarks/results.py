@@ -35,6 +35,9 @@ class Results:
     """The same route's instructions per request under callgrind, on and off."""
     scenario_instructions: list[ScenarioInstructions] = field(default_factory=list)
     """The asyncpg scenarios' instructions per request under callgrind, per contender."""
+    scaling_instructions: list[ScenarioInstructions] = field(default_factory=list)
+    """The asyncpg read's instructions per request at each scaling level (``routes_500``,
+    ``open_1000``, ...), per contender."""
     e2e: list[E2EMeasurement] = field(default_factory=list)
     e2e_peer: str | None = None
     postgres_version: str | None = None

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,15 +46,15 @@ class ScalingSettings:
     """Collect garbage before every batch (off only to make smoke runs fast)."""
 
 
-def _spread(copies: int) -> Scenario:
-    """The read scenario with its requests spread over ``copies`` route prefixes."""
+def spread(copies: int, scenario: Scenario = READ) -> Scenario:
+    """A read scenario with its requests spread over ``copies`` route prefixes."""
 
     class Spread(Scenario):
         def path_for(self, i: int) -> str:
             prefix = "" if copies == 1 or i % copies == 0 else f"/r{i % copies}"
             return f"{prefix}/items/{item_id(i)}"
 
-    return Spread(**{f: getattr(READ, f) for f in READ.__dataclass_fields__})
+    return Spread(**{f: getattr(scenario, f) for f in scenario.__dataclass_fields__})
 
 
 async def _start(contender: Contender, target: Target) -> tuple[Built, AsgiDriver]:
@@ -73,7 +74,7 @@ async def measure_routes(
     results = []
     for contender in contenders:
         for copies in settings.routes:
-            scenario = _spread(copies)
+            scenario = spread(copies)
             measurement = Measurement(f"routes_{copies}", contender.key)
             results.append(measurement)
             for instance in range(settings.instances):
@@ -108,9 +109,9 @@ async def measure_routes(
     return results
 
 
-async def _measure_while_held(
-    driver: AsgiDriver, gate: HoldGate, held: int, count: int, offset: int, collect: bool
-) -> float:
+@asynccontextmanager
+async def sessions_held(driver: AsgiDriver, gate: HoldGate, held: int) -> AsyncIterator[None]:
+    """Keep ``held`` requests waiting at ``gate`` with their session open for the block."""
     holders = [asyncio.create_task(driver.request("GET", HOLD_PATH)) for _ in range(held)]
     try:
         await asyncio.wait_for(gate.until_waiting(held), timeout=HOLD_TIMEOUT)
@@ -120,12 +121,19 @@ async def _measure_while_held(
         message = f"only {gate.waiting} of {held} /hold requests got their session"
         raise RuntimeError(message) from None
     try:
-        return await run_batch(driver, READ, count, offset, collect=collect)
+        yield
     finally:
         gate.release()
         statuses = await asyncio.gather(*holders)
         if any(s != 200 for s in statuses):
             raise RuntimeError(f"/hold answered {sorted(set(statuses))}")
+
+
+async def _measure_while_held(
+    driver: AsgiDriver, gate: HoldGate, held: int, count: int, offset: int, collect: bool
+) -> float:
+    async with sessions_held(driver, gate, held):
+        return await run_batch(driver, READ, count, offset, collect=collect)
 
 
 async def measure_open_sessions(

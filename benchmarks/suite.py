@@ -15,7 +15,13 @@ from . import contenders as c
 from .database import postgres_available, postgres_urls, prepare
 from .e2e import E2ESettings, load_generator, run_e2e
 from .inprocess import RunSettings, run_inprocess
-from .instructions import InstructionSettings, available, count_scenarios, measure_instructions
+from .instructions import (
+    InstructionSettings,
+    available,
+    count_scaling,
+    count_scenarios,
+    measure_instructions,
+)
 from .machine import describe, postgres_version
 from .overhead import OverheadSettings, measure_overhead
 from .results import Results, load_measurements
@@ -24,7 +30,7 @@ from .scaling import ScalingSettings, measure_open_sessions, measure_routes
 from .scenarios import SCENARIOS
 
 REPO = Path(__file__).resolve().parent.parent
-EXTRA_CONTENDERS = ("get_db", "ss_on", "ss_off", "fasa")
+EXTRA_CONTENDERS = ("get_db", "ss_on", "ss_off", "ss_state", "fasa")
 
 
 @dataclass(frozen=True)
@@ -42,13 +48,18 @@ class SuiteSettings:
     skip: frozenset[str]
 
 
-COUNTED_CONTENDERS = ("get_db", "ss_on", "ss_off")
+COUNTED_CONTENDERS = ("get_db", "ss_on", "ss_off", "ss_state")
 COUNTED_SCENARIOS = ("pg_aread", "pg_ainsert")
 """What is counted under callgrind besides the on/off route: the asyncpg scenarios, where the
-contenders' wall times lie within a few % of each other."""
+contenders' wall times lie within a few % of each other (sessionscope through ``DBSession``,
+metrics on and off, and through ``request.state.db``: what FastAPI's dependency costs)."""
 COUNTED_NODB_CONTENDERS = ("bare", "get_db", "ss_on", "ss_off")
 """Counted on the DB-less route too: there identical code times 15 % or more apart between
 app copies, as much as the margin of its target."""
+
+
+SCALING_CONTENDERS = ("get_db", "ss_on")
+"""Measured at each scaling level: sessionscope's change beside the hand-written pattern's."""
 
 
 def _extra_run(python: str, settings: RunSettings, work: Path) -> Path:
@@ -153,12 +164,26 @@ def run_suite(settings: SuiteSettings) -> Results:
                 or []
             )
         if "scaling" not in settings.skip:
-            scaled = [c.BY_KEY["get_db"], c.BY_KEY["ss_on"]]
+            scaled = [c.BY_KEY[k] for k in SCALING_CONTENDERS]
             _log("scaling: routes")
             results.routes = asyncio.run(measure_routes(scaled, settings.scaling, work))
             _log("scaling: open sessions")
             results.open_sessions = asyncio.run(
                 measure_open_sessions(scaled, settings.scaling, work)
+            )
+        if "scaling-instructions" not in settings.skip and available() and has_pg:
+            _log("scaling: instructions under callgrind (asyncpg read)")
+            prepare(pg)
+            results.scaling_instructions = (
+                count_scaling(
+                    list(SCALING_CONTENDERS),
+                    {
+                        "routes": settings.scaling.routes,
+                        "open": settings.scaling.open_sessions,
+                    },
+                    settings.instructions,
+                )
+                or []
             )
         if "rss" not in settings.skip:
             _log(f"memory: {settings.rss_total:,} requests")

@@ -36,13 +36,18 @@ from benchmarks.results import Results
 from benchmarks.rss import measure_rss
 from benchmarks.scaling import ScalingSettings, measure_open_sessions, measure_routes
 from benchmarks.scenarios import SCENARIOS
-from benchmarks.suite import COUNTED_CONTENDERS, COUNTED_NODB_CONTENDERS, COUNTED_SCENARIOS
+from benchmarks.suite import (
+    COUNTED_CONTENDERS,
+    COUNTED_NODB_CONTENDERS,
+    COUNTED_SCENARIOS,
+    SCALING_CONTENDERS,
+)
 
 from .support import postgres_url
 
 REPO = Path(__file__).resolve().parent.parent
 
-LOCAL = [c.BY_KEY[k] for k in ("bare", "get_db", "get_db_fn", "ss_on", "ss_off")]
+LOCAL = [c.BY_KEY[k] for k in ("bare", "get_db", "get_db_fn", "ss_on", "ss_off", "ss_state")]
 TINY = RunSettings(rounds=2, requests=3, nodb_requests=3, warmup=2, instances=1, collect=False)
 WRK_OUTPUT = """Running 3s test @ http://127.0.0.1:8000/items/1
   2 threads and 64 connections
@@ -182,13 +187,18 @@ def test_a_peer_of_the_extra_venv_is_compared_with_sessionscope_measured_in_that
         extra=[
             Measurement("pg_aread", "get_db", [200.0]),
             Measurement("pg_aread", "ss_on", [196.0]),
+            Measurement("pg_aread", "ss_state", [180.0]),
             Measurement("pg_aread", "fasa", [190.0]),
         ],
         extra_contenders=["fasa"],
     )
     (read,) = [v for v in verdicts(results) if v.target.startswith("asyncpg read")]
+    # Judged on DBSession; the request.state.db figure (ahead of the peer) is only shown.
     assert read.met is False
-    assert "fastapi-async-sqlalchemy 0.95x (sessionscope there 0.98x†)" in read.figures
+    assert (
+        "fastapi-async-sqlalchemy 0.95x (sessionscope there 0.98x†, via request.state.db 0.90x)"
+        in read.figures
+    )
 
 
 def test_end_to_end_target_compares_each_round_with_the_baseline_of_the_same_round() -> None:
@@ -252,6 +262,84 @@ def test_instruction_count_child_serves_the_asyncpg_scenarios_for_each_counted_c
             )
 
 
+@pytest.mark.postgres
+def test_instruction_count_child_serves_the_scaling_levels_for_each_scaled_contender() -> None:
+    url = postgres_url()
+    prepare(postgres_urls(url))
+    for contender in SCALING_CONTENDERS:
+        for kind, level in (("routes", "3"), ("open", "4")):
+            _count_child(
+                "scaling",
+                contender,
+                kind,
+                level,
+                "3",
+                "2",
+                env={**os.environ, POSTGRES_URL_ENV: url},
+            )
+
+
+def test_scaling_verdicts_take_the_instruction_count_over_the_timed_rounds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A fake callgrind: start-up 10**9; a read costs get_db 1,000 instructions and ss_on 900,
+    # 500 routes add 100 to both (FastAPI's route matching) and ss_on 20 more of its own (+2 %
+    # of 900); 1,000 open sessions add 60 to ss_on alone (+6.7 %).
+    per_request = {
+        ("get_db", "routes", 1): 1_000, ("get_db", "routes", 500): 1_100,
+        ("ss_on", "routes", 1): 900, ("ss_on", "routes", 500): 1_020,
+        ("get_db", "open", 10): 1_000, ("get_db", "open", 1000): 1_000,
+        ("ss_on", "open", 10): 900, ("ss_on", "open", 1000): 960,
+    }  # fmt: skip
+
+    def fake_callgrind(arguments: list[str], seed: int) -> int:
+        what, contender, kind, level, requests, _warmup = arguments
+        assert what == "scaling"
+        return 10**9 + int(requests) * per_request[contender, kind, int(level)]
+
+    monkeypatch.setattr(instructions, "available", lambda: True)
+    monkeypatch.setattr(instructions, "_callgrind", fake_callgrind)
+    counted = instructions.count_scaling(
+        ["get_db", "ss_on"],
+        {"routes": (1, 500), "open": (10, 1000)},
+        instructions.InstructionSettings(short=10, long=70),
+    )
+    assert counted is not None
+    assert [c.scenario for c in counted] == ["routes_1", "routes_500", "open_10", "open_1000"]
+    assert counted[1].counts == {"get_db": [1_100], "ss_on": [1_020]}
+
+    # The timed rounds say the opposite of the count in both measurements.
+    results = _results(
+        routes=[
+            Measurement("routes_1", "ss_on", [800.0]),
+            Measurement("routes_500", "ss_on", [1_000.0]),
+            Measurement("routes_1", "get_db", [1_000.0]),
+            Measurement("routes_500", "get_db", [1_050.0]),
+        ],
+        open_sessions=[
+            Measurement("open_10", "ss_on", [800.0]),
+            Measurement("open_1000", "ss_on", [790.0]),
+            Measurement("open_10", "get_db", [1_000.0]),
+            Measurement("open_1000", "get_db", [1_000.0]),
+        ],
+        scaling_instructions=counted,
+    )
+    found = verdicts(results)
+    (routes,) = [v for v in found if v.target.startswith("500 routes")]
+    (held,) = [v for v in found if v.target.startswith("1,000 open sessions")]
+    assert routes.met is True
+    assert held.met is False
+    assert routes.figures.startswith(
+        "callgrind (asyncpg read): sessionscope 900 → 1,020 instructions/request (+13.3%), "
+        "Depends(get_db) 1,000 → 1,100 (+10.0%); sessionscope's own share +2.2%; "
+        "timed (sync read): sessionscope 800 → 1,000 µs (+25.0%)"
+    )
+    assert "sessionscope's own share +6.7%" in held.figures
+    text = render(results)
+    assert "| 500 route(s) | 1,100 | 1,020 |" in text
+    assert "| 1,000 sessions open | 1,000 | 960 |" in text
+
+
 @pytest.mark.parametrize(("on", "met"), [(1_020_000, True), (1_030_000, False)])
 def test_on_off_verdict_takes_the_instruction_count_at_the_requests_own_rate(
     on: int, met: bool
@@ -300,8 +388,10 @@ def test_scenario_instruction_counts_are_per_request_for_each_contender(
     per_request = {
         ("pg_aread", "get_db"): 1_000,
         ("pg_aread", "ss_on"): 1_030,
+        ("pg_aread", "ss_state"): 990,
         ("pg_ainsert", "get_db"): 1_200,
         ("pg_ainsert", "ss_on"): 1_150,
+        ("pg_ainsert", "ss_state"): 1_100,
     }
 
     def fake_callgrind(arguments: list[str], seed: int) -> int:
@@ -313,13 +403,16 @@ def test_scenario_instruction_counts_are_per_request_for_each_contender(
     monkeypatch.setattr(instructions, "available", lambda: True)
     monkeypatch.setattr(instructions, "_callgrind", fake_callgrind)
     counted = instructions.count_scenarios(
-        ["get_db", "ss_on"],
+        ["get_db", "ss_on", "ss_state"],
         ["pg_aread", "pg_ainsert"],
         instructions.InstructionSettings(short=10, long=70),
     )
     assert counted is not None
     read, insert = counted
-    assert (read.scenario, read.counts) == ("pg_aread", {"get_db": [1_000], "ss_on": [1_030]})
+    assert (read.scenario, read.counts) == (
+        "pg_aread",
+        {"get_db": [1_000], "ss_on": [1_030], "ss_state": [990]},
+    )
     assert read.ratio("ss_on", "get_db") == pytest.approx(1.03)
     assert insert.mean("ss_on") == 1_150
     assert insert.ratio("ss_off", "get_db") is None
@@ -333,10 +426,13 @@ def test_scenario_instruction_counts_are_per_request_for_each_contender(
     )
     (verdict,) = [v for v in verdicts(results) if v.target.startswith("asyncpg read")]
     assert verdict.met  # judged on the timing, as the issue sets it; the count stands beside it
-    assert "callgrind: 1,030 vs 1,000 instructions/request = 1.030x" in verdict.figures
+    assert (
+        "callgrind: 1,030 vs 1,000 instructions/request = 1.030x (via request.state.db: 0.990x)"
+        in verdict.figures
+    )
     text = render(results)
     assert "## Instructions per request" in text
-    assert "| asyncpg insert | 1,200 (1.000x) | 1,150 (0.958x) |" in text
+    assert "| asyncpg insert | 1,200 (1.000x) | 1,150 (0.958x) | 1,100 (0.917x) |" in text
 
 
 def test_the_db_less_count_is_shown_against_bare_fastapi_beside_the_timed_verdict() -> None:

@@ -8,7 +8,12 @@ from .peer_advanced_alchemy import ADVANCED_ALCHEMY
 from .peer_fastapi_async_sqlalchemy import FASTAPI_ASYNC_SQLALCHEMY
 from .peer_fastapi_sqla import FASTAPI_SQLA
 from .peer_fastapi_sqlalchemy import FASTAPI_SQLALCHEMY
-from .sessionscope_app import SESSIONSCOPE_OFF, SESSIONSCOPE_ON, off_supported
+from .sessionscope_app import (
+    SESSIONSCOPE_OFF,
+    SESSIONSCOPE_ON,
+    SESSIONSCOPE_STATE,
+    off_supported,
+)
 
 ALL: tuple[Contender, ...] = (
     BARE,
@@ -16,6 +21,7 @@ ALL: tuple[Contender, ...] = (
     GET_DB_FUNCTION,
     SESSIONSCOPE_ON,
     SESSIONSCOPE_OFF,
+    SESSIONSCOPE_STATE,
     FASTAPI_SQLA,
     FASTAPI_SQLALCHEMY,
     FASTAPI_ASYNC_SQLALCHEMY,
