@@ -2,8 +2,8 @@
 
 A contender either injects the session as a route parameter (an ``Annotated[..., Depends()]``
 type), exposes it through a proxy the route reads (``db.session``), or leaves it in the
-request's state (``request.state.db``). ``commit_in_route`` is
-the hand-written pattern's explicit ``commit()``; session managers commit by themselves.
+request's state (``request.state.db``). ``commit_in_route`` is the hand-written pattern's
+explicit ``commit()``; session managers commit by themselves.
 
 Paths: ``GET /nodb`` (no database), ``GET /items/{item_id}`` (one-row read), ``POST /items``
 (one-row insert, 201) and ``POST /items/conflict`` (one-row insert, then 409). A ``prefix``

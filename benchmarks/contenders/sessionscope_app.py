@@ -68,6 +68,8 @@ def _builder(observed: bool, *, via_state: bool = False) -> Any:
         app = FastAPI()
         endpoints.add_nodb_route(app)
         if via_state:
+            if target.route_copies != 1 or target.hold_gate is not None:
+                raise ValueError("the request.state.db contender serves no route copies or /hold")
             make: Any = create_engine if target.mode == "sync" else create_async_engine
             state_engine = make(target.url, **target.engine_kwargs)
             endpoints.add_state_routes(app, target.mode)
