@@ -367,10 +367,14 @@ def _scaling_table(results: Results) -> str:
         return "_not measured_"
     lines = ["| contender | measurement | µs/request (median) |", "|---|---|---:|"]
     for m in rows:
-        kind, level = m.scenario.split("_")
-        what = f"{int(level):,} route(s)" if kind == "routes" else f"{int(level):,} sessions open"
-        lines.append(f"| {BY_KEY[m.contender].label} | {what} | {_fmt(m.median)} |")
+        lines.append(f"| {BY_KEY[m.contender].label} | {_level(m.scenario)} | {_fmt(m.median)} |")
     return "\n".join(lines)
+
+
+def _level(scenario: str) -> str:
+    """A scaling measurement's level in words: ``routes_500`` is "500 route(s)"."""
+    kind, level = scenario.split("_")
+    return f"{int(level):,} route(s)" if kind == "routes" else f"{int(level):,} sessions open"
 
 
 def _e2e_table(results: Results) -> str:
@@ -582,10 +586,8 @@ def _scaling_instructions_text(results: Results) -> str:
         "|---|" + "---:|" * len(counted[0].counts),
     ]
     for level in counted:
-        kind, number = level.scenario.split("_")
-        what = f"{int(number):,} route(s)" if kind == "routes" else f"{int(number):,} sessions open"
         cells = [f"{level.mean(k) or 0:,.0f}" for k in level.counts]
-        lines.append(f"| {what} | " + " | ".join(cells) + " |")
+        lines.append(f"| {_level(level.scenario)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
