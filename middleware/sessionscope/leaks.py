@@ -72,10 +72,8 @@ class LeakRegistry:
 
     def add(self, rs: RequestSession) -> None:
         """Register a newly opened session (from the loop or a worker thread)."""
-        try:
-            task: asyncio.Task[Any] | None = asyncio.current_task()
-        except RuntimeError:  # a worker thread: no running loop here
-            task = None
+        loop = asyncio._get_running_loop()  # None in a worker thread (no exception to catch)
+        task = None if loop is None else asyncio.current_task(loop)
         # Single dict operations are atomic: no lock on the request path.
         self._open[id(rs)] = OpenSession(rs, perf_counter(), threading.get_ident(), task)
         if self._thread is None:

@@ -444,11 +444,7 @@ async def _dropped() -> None:
 
 
 def _on_event_loop() -> bool:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return True
+    return asyncio._get_running_loop() is not None
 
 
 def _undecided_reason(exc: BaseException | None) -> str:

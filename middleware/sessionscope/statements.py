@@ -98,10 +98,10 @@ def _tally_for(conn: Connection) -> StatementTally | None:
 
 def _owner() -> object:
     """The task (on the event loop) or else the thread running this code."""
-    try:
-        task = asyncio.current_task()
-    except RuntimeError:  # a worker thread: no event loop here
-        task = None
+    # Asked without raising: in a worker thread, where sync sessions run their statements,
+    # get_running_loop() would raise and catch a RuntimeError for every statement.
+    loop = asyncio._get_running_loop()
+    task = None if loop is None else asyncio.current_task(loop)
     return task if task is not None else get_ident()
 
 
