@@ -72,10 +72,10 @@ class LeakRegistry:
 
     def add(self, rs: RequestSession) -> None:
         """Register a newly opened session (from the loop or a worker thread)."""
-        loop = asyncio._get_running_loop()  # None in a worker thread (no exception to catch)
-        task = None if loop is None else asyncio.current_task(loop)
         # Single dict operations are atomic: no lock on the request path.
-        self._open[id(rs)] = OpenSession(rs, perf_counter(), threading.get_ident(), task)
+        self._open[id(rs)] = OpenSession(
+            rs, perf_counter(), threading.get_ident(), rs.running_task()
+        )
         if self._thread is None:
             self._start()
 

@@ -142,6 +142,7 @@ class RequestSession(StatementTally):
     middleware right after construction)."""
 
     def __init__(self, settings: SessionSettings, scope: Scope, send: Send) -> None:
+        self.loop_thread = threading.get_ident()  # created by the middleware, on the loop
         self.settings = settings
         self.scope = scope
         self._send = send

@@ -54,6 +54,26 @@ class StatementTally:
     busy_connection: Connection | None = None
     """The connection running a statement for this request right now, and who runs it."""
     busy_owner: object = None
+    loop_thread: int = 0
+    """The thread of the request's event loop (set when the request starts)."""
+    loop: asyncio.AbstractEventLoop | None = None
+    """That thread's running loop, looked up the first time it is needed."""
+
+    def running_task(self) -> asyncio.Task[Any] | None:
+        """The task running this code on the request's event loop; ``None`` in another thread
+        (a sync session's statements run in worker threads).
+
+        The loop is looked up once per request: on Python 3.11 every look-up of the running
+        loop is also a ``getpid()`` system call (CPython's check for a fork).
+        """
+        if get_ident() != self.loop_thread:
+            return None
+        loop = self.loop
+        if loop is None:
+            loop = self.loop = asyncio._get_running_loop()
+            if loop is None:  # not asyncio (trio): tasks are not told apart
+                return None
+        return asyncio.current_task(loop)
 
 
 @contextmanager
@@ -96,12 +116,9 @@ def _tally_for(conn: Connection) -> StatementTally | None:
     return tally
 
 
-def _owner() -> object:
+def _owner(tally: StatementTally) -> object:
     """The task (on the event loop) or else the thread running this code."""
-    # Asked without raising: in a worker thread, where sync sessions run their statements,
-    # get_running_loop() would raise and catch a RuntimeError for every statement.
-    loop = asyncio._get_running_loop()
-    task = None if loop is None else asyncio.current_task(loop)
+    task = tally.running_task()
     return task if task is not None else get_ident()
 
 
@@ -149,7 +166,7 @@ def _began(conn: Connection, statement: str, context: Any) -> StatementTally | N
     tally = _tally_for(conn) if conn._allow_autobegin else None
     if tally is None:
         return None
-    owner = _owner()
+    owner = _owner(tally)
     if tally.busy_connection is conn and tally.busy_owner != owner:
         # Another task is running a statement on this connection: leave it marked busy.
         raise ConcurrentSessionUseError(CONCURRENT_USE_MESSAGE)
