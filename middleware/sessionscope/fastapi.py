@@ -7,17 +7,21 @@ the dependency for a database added with ``DBSessionMiddleware(..., name=name)``
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Coroutine
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends
-from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 from starlette.requests import HTTPConnection
 
 from .errors import SessionNotAvailableError
 from .request_state import RequestState
+from .source import INSTALL_ASYNCIO, asyncio_missing, is_async_session
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncSession
 
 SessionDependency = Callable[[HTTPConnection], Coroutine[Any, Any, Any]]
 
@@ -46,7 +50,7 @@ def get_session(name: str | None = None, *, kind: type[Any] | None = None) -> Se
             raise SessionNotAvailableError(
                 f"the route asks for a {kind.__name__} but database {wanted!r} gives "
                 f"{type(session).__name__}; use "
-                f"{'AsyncDBSession' if isinstance(session, AsyncSession) else 'DBSession'}."
+                f"{'AsyncDBSession' if is_async_session(session) else 'DBSession'}."
             )
         return session
 
@@ -68,7 +72,30 @@ def _request_scoped(dependency: SessionDependency) -> Any:
 DBSession = Annotated[Session, _request_scoped(get_session(kind=Session))]
 """A route parameter that receives the request's sync ``Session``."""
 
-AsyncDBSession = Annotated[AsyncSession, _request_scoped(get_session(kind=AsyncSession))]
-"""A route parameter that receives the request's ``AsyncSession``."""
+if TYPE_CHECKING:
+    AsyncDBSession = Annotated[AsyncSession, _request_scoped(get_session(kind=AsyncSession))]
+    """A route parameter that receives the request's ``AsyncSession``."""
+else:
+
+    def __getattr__(name: str) -> Any:
+        # AsyncDBSession is built on first import: SQLAlchemy's asyncio extension needs
+        # greenlet, which a sync application does not have to install.
+        if name == "AsyncDBSession":
+            return _async_db_session()
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@functools.cache
+def _async_db_session() -> Any:
+    error = asyncio_missing()
+    if error is not None:
+        raise ImportError(
+            "sessionscope.fastapi.AsyncDBSession needs SQLAlchemy's asyncio support, which "
+            f"needs the greenlet library ({error}). Install it with: {INSTALL_ASYNCIO}"
+        ) from error
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    return Annotated[AsyncSession, _request_scoped(get_session(kind=AsyncSession))]
+
 
 __all__ = ["AsyncDBSession", "DBSession", "get_session"]

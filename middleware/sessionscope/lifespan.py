@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
 import anyio
 import anyio.to_thread
@@ -32,10 +32,13 @@ import sqlalchemy as sa
 import structlog
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .errors import ConfigurationError
 from .reporting import LOGGER_NAME
+from .source import is_async_engine, require_asyncio
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 __all__ = [
     "DatabaseUnavailableError",
@@ -45,7 +48,7 @@ __all__ = [
     "dispose_engines",
 ]
 
-AnyEngine = Engine | AsyncEngine
+AnyEngine: TypeAlias = "Engine | AsyncEngine"
 Lifespan = Callable[[Any], AbstractAsyncContextManager[Mapping[str, Any] | None]]
 """A Starlette/FastAPI ``lifespan=``: ``app -> async context manager`` yielding state."""
 
@@ -117,7 +120,7 @@ async def check_databases(
     async def probe(engine: AnyEngine) -> None:
         try:
             with anyio.fail_after(timeout):
-                if isinstance(engine, AsyncEngine):
+                if is_async_engine(engine):
                     async with engine.connect() as conn:
                         await conn.execute(_PROBE)
                 else:
@@ -152,7 +155,7 @@ async def dispose_engines(*engines: AnyEngine) -> None:
     with anyio.CancelScope(shield=True):
         for engine in engines:
             try:
-                if isinstance(engine, AsyncEngine):
+                if is_async_engine(engine):
                     await engine.dispose()
                 else:
                     await anyio.to_thread.run_sync(engine.dispose)
@@ -200,7 +203,9 @@ def _validate(engines: tuple[Any, ...], owner: str) -> None:
     if not engines:
         raise ConfigurationError(f"{owner} needs at least one Engine or AsyncEngine.")
     for engine in engines:
-        if not isinstance(engine, Engine | AsyncEngine):
+        if is_async_engine(engine):
+            require_asyncio(owner, engine)
+        elif not isinstance(engine, Engine):
             raise ConfigurationError(
                 f"{owner} takes Engine and AsyncEngine objects, not {type(engine).__name__}; "
                 "pass the engine a sessionmaker is bound to."

@@ -34,19 +34,22 @@ import weakref
 from collections import deque
 from collections.abc import Callable
 from time import perf_counter
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import structlog
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
-from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import Pool, PoolProxiedConnection
 
 from . import catalogue as cat
 from .metric_batch import multiprocess_mode
 from .metrics import Metrics
 from .reporting import LOGGER_NAME
+from .source import is_async_engine
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 TIMEOUT_EVENT: Final = "db_pool.timeout"
 INVALIDATION_KINDS: Final = ("hard", "soft")
@@ -69,7 +72,7 @@ def instrument_pool(
     no listener. An ``AsyncEngine`` is instrumented through its ``sync_engine``.
     ``multiprocess`` overrides the detection of prometheus_client's multiprocess mode.
     """
-    sync_engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
+    sync_engine = engine.sync_engine if is_async_engine(engine) else engine
     # Kept on the engine: the instruments live exactly as long as the engine and its listeners.
     # dict.setdefault is atomic, so two racing calls still install only once.
     installed: dict[tuple[Metrics, str], PoolInstruments] = sync_engine.__dict__.setdefault(

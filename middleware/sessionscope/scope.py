@@ -5,12 +5,11 @@ from __future__ import annotations
 import sys
 import weakref
 from types import TracebackType
-from typing import Any, Generic, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 import structlog
 from prometheus_client import CollectorRegistry
 from sqlalchemy.engine import Engine
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
 
 from .catalogue import DEFAULT_NAMESPACE
@@ -18,7 +17,16 @@ from .errors import ConfigurationError
 from .metrics import DbMetrics, Metrics
 from .reporting import LOGGER_NAME
 from .session_calls import run_to_completion
-from .source import AnySession, SessionSource, resolve_source
+from .source import (
+    AnySession,
+    SessionSource,
+    is_async_engine,
+    is_async_sessionmaker,
+    resolve_source,
+)
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 S = TypeVar("S", bound=AnySession)
 
@@ -156,9 +164,9 @@ def _report_unclosed(metrics: DbMetrics, name: str, opened_at: str) -> None:
 
 def _resolve(source: object) -> SessionSource:
     kwargs: dict[str, Any] = {"engine": None, "sessionmaker_": None, "async_sessionmaker_": None}
-    if isinstance(source, Engine | AsyncEngine):
+    if isinstance(source, Engine) or is_async_engine(source):
         kwargs["engine"] = source
-    elif isinstance(source, async_sessionmaker):
+    elif is_async_sessionmaker(source):
         kwargs["async_sessionmaker_"] = source
     elif isinstance(source, sessionmaker):
         kwargs["sessionmaker_"] = source

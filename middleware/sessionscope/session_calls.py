@@ -15,10 +15,9 @@ from typing import Any, cast
 
 import anyio
 import anyio.to_thread
-from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
-from .source import AnySession
+from .source import AnySession, is_async_session
 from .thread_lane import ThreadLane
 
 FINALIZER_THREADS = 40
@@ -89,7 +88,7 @@ async def run_to_completion(session: AnySession, method: str) -> None:
     """
     bound = getattr(session, method)
     with anyio.CancelScope(shield=True):
-        if isinstance(session, AsyncSession):
+        if is_async_session(session):
             await bound()
         else:
             await anyio.to_thread.run_sync(bound)

@@ -2,18 +2,88 @@
 
 from __future__ import annotations
 
+import importlib
+import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from sqlalchemy.engine import Engine
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
-from sqlalchemy.orm import Session, sessionmaker
-from sqlalchemy.pool import Pool
+from sqlalchemy.orm import sessionmaker
 
 from .errors import ConfigurationError
 
-AnySession = Session | AsyncSession
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import (
+        AsyncConnection,
+        AsyncEngine,
+        AsyncSession,
+        async_sessionmaker,
+    )
+    from sqlalchemy.orm import Session
+    from sqlalchemy.pool import Pool
+    from typing_extensions import TypeIs
+
+AnySession: TypeAlias = "Session | AsyncSession"
 """A request session: ``sqlalchemy.orm.Session`` or ``sqlalchemy.ext.asyncio.AsyncSession``."""
+
+# SQLAlchemy's asyncio extension needs greenlet, which SQLAlchemy 2.1 no longer installs: it is
+# imported only when the application hands over one of its objects. Such an object exists only
+# once the extension's modules are loaded, so looking them up in sys.modules answers "is it
+# async?" without importing anything.
+_ASYNC_ENGINE_MODULE = "sqlalchemy.ext.asyncio.engine"
+_ASYNC_SESSION_MODULE = "sqlalchemy.ext.asyncio.session"
+INSTALL_ASYNCIO = "pip install 'sessionscope[asyncio]'"
+
+
+def _is_loaded_instance(obj: object, module: str, name: str) -> bool:
+    loaded = sys.modules.get(module)
+    return loaded is not None and isinstance(obj, getattr(loaded, name))
+
+
+def is_async_engine(obj: object) -> TypeIs[AsyncEngine]:
+    """Whether ``obj`` is an ``AsyncEngine`` (without importing the asyncio extension)."""
+    return _is_loaded_instance(obj, _ASYNC_ENGINE_MODULE, "AsyncEngine")
+
+
+def is_async_connection(obj: object) -> TypeIs[AsyncConnection]:
+    """Whether ``obj`` is an ``AsyncConnection`` (without importing the asyncio extension)."""
+    return _is_loaded_instance(obj, _ASYNC_ENGINE_MODULE, "AsyncConnection")
+
+
+def is_async_session(obj: object) -> TypeIs[AsyncSession]:
+    """Whether ``obj`` is an ``AsyncSession`` (without importing the asyncio extension)."""
+    return _is_loaded_instance(obj, _ASYNC_SESSION_MODULE, "AsyncSession")
+
+
+def is_async_sessionmaker(obj: object) -> TypeIs[async_sessionmaker[Any]]:
+    """Whether ``obj`` is an ``async_sessionmaker`` (without importing the asyncio extension)."""
+    return _is_loaded_instance(obj, _ASYNC_SESSION_MODULE, "async_sessionmaker")
+
+
+def asyncio_missing() -> ImportError | None:
+    """Why SQLAlchemy's asyncio support cannot run here (greenlet is missing), or ``None``.
+
+    Without greenlet, SQLAlchemy 2.1's first import of ``sqlalchemy.ext.asyncio`` fails (its
+    engine and session modules stay loaded, and a second import succeeds); 2.0 imports it and
+    fails at the first query. So greenlet itself is asked.
+    """
+    try:
+        importlib.import_module("greenlet")
+        importlib.import_module("sqlalchemy.ext.asyncio")
+    except ImportError as error:
+        return error
+    return None
+
+
+def require_asyncio(owner: str, given: object) -> None:
+    """Raise ``ConfigurationError`` if SQLAlchemy's asyncio support cannot run here."""
+    error = asyncio_missing()
+    if error is not None:
+        raise ConfigurationError(
+            f"{owner} got an {type(given).__name__}, but SQLAlchemy's asyncio support needs the "
+            f"greenlet library, which cannot be imported here ({error}). "
+            f"Install it with: {INSTALL_ASYNCIO}"
+        ) from error
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +140,10 @@ def resolve_source(
             "(a sessionmaker already knows its engine)."
         )
     if engine is not None:
-        if isinstance(engine, AsyncEngine):
+        if is_async_engine(engine):
+            require_asyncio(owner, engine)
+            from sqlalchemy.ext.asyncio import async_sessionmaker
+
             return SessionSource(
                 async_sessionmaker(engine, expire_on_commit=False), True, engine.sync_engine
             )
@@ -82,7 +155,7 @@ def resolve_source(
             "create_async_engine()."
         )
     if sessionmaker_ is not None:
-        if isinstance(sessionmaker_, async_sessionmaker):
+        if is_async_sessionmaker(sessionmaker_):
             raise ConfigurationError(
                 f"{owner}: sessionmaker= got an async_sessionmaker; "
                 "pass it as async_sessionmaker= instead."
@@ -94,19 +167,20 @@ def resolve_source(
             )
         return SessionSource(sessionmaker_, False, _sync_engine(sessionmaker_.kw.get("bind")))
     assert async_sessionmaker_ is not None
-    if not isinstance(async_sessionmaker_, async_sessionmaker):
+    if not is_async_sessionmaker(async_sessionmaker_):
         raise ConfigurationError(
             f"{owner}: async_sessionmaker= must be a "
             "sqlalchemy.ext.asyncio.async_sessionmaker, "
             f"not {type(async_sessionmaker_).__name__}; a sync sessionmaker goes in sessionmaker=."
         )
+    require_asyncio(owner, async_sessionmaker_)
     return SessionSource(
         async_sessionmaker_, True, _sync_engine(async_sessionmaker_.kw.get("bind"))
     )
 
 
 def _sync_engine(bind: object) -> Engine | None:
-    if isinstance(bind, AsyncEngine):
+    if is_async_engine(bind):
         return bind.sync_engine
     if isinstance(bind, Engine):
         return bind
@@ -115,7 +189,7 @@ def _sync_engine(bind: object) -> Engine | None:
 
 def replica_source(primary: SessionSource, replica: object, *, owner: str) -> SessionSource:
     """A source like ``primary`` (same session class and options) bound to ``replica``."""
-    if primary.is_async and not isinstance(replica, AsyncEngine):
+    if primary.is_async and not is_async_engine(replica):
         raise ConfigurationError(
             f"{owner}: the database is async, so replica_engine= must be an AsyncEngine, "
             f"not {type(replica).__name__}."
@@ -127,8 +201,10 @@ def replica_source(primary: SessionSource, replica: object, *, owner: str) -> Se
         )
     options = {k: v for k, v in primary.factory.kw.items() if k != "bind"}
     factory: sessionmaker[Any] | async_sessionmaker[Any]
-    if isinstance(primary.factory, async_sessionmaker):
-        assert isinstance(replica, AsyncEngine)
+    if is_async_sessionmaker(primary.factory):
+        assert is_async_engine(replica)
+        from sqlalchemy.ext.asyncio import async_sessionmaker
+
         factory = async_sessionmaker(replica, class_=primary.factory.class_, **options)
         return SessionSource(factory, True, replica.sync_engine)
     assert isinstance(replica, Engine)

@@ -46,7 +46,6 @@ from typing import Any, TypeVar, overload
 
 import anyio
 import anyio.to_thread
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from . import outcome as oc
 from . import statements
@@ -55,7 +54,7 @@ from .lifecycle import SessionSettings
 from .request_context import route_template
 from .request_state import RequestState
 from .session_calls import run_to_completion
-from .source import AnySession
+from .source import AnySession, is_async_session
 
 __all__ = ["gather_with_sessions", "task_session"]
 
@@ -147,7 +146,7 @@ async def _task_session(
             f"task_session(kind={kind.__name__}) but the database gives "
             f"{type(session).__name__} sessions."
         )
-    sync = session.sync_session if isinstance(session, AsyncSession) else session
+    sync = session.sync_session if is_async_session(session) else session
     reporter = settings.reporter
     reporter.task_opened()
     opened = perf_counter()
@@ -179,7 +178,7 @@ async def _task_session(
 async def _call_with(function: TaskFunction, session: AnySession) -> Any:
     if inspect.iscoroutinefunction(function):
         return await function(session)
-    if isinstance(session, AsyncSession):
+    if is_async_session(session):
         result = await session.run_sync(function)
     else:
         result = await anyio.to_thread.run_sync(function, session)

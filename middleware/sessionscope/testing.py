@@ -61,17 +61,20 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from typing import Any, Final, NoReturn, cast
+from typing import TYPE_CHECKING, Any, Final, NoReturn, cast
 
 import pytest
 import structlog.testing
 from prometheus_client import CollectorRegistry
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
 
 from .errors import ConfigurationError
 from .middleware import DBSessionMiddleware
+from .source import is_async_connection, is_async_engine
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 __all__ = [
     "async_rollback_connection",
@@ -95,7 +98,7 @@ def rollback_connection(engine: Engine) -> Iterator[Connection]:
     Sessions bound to it with ``join_transaction_mode="create_savepoint"`` commit into
     savepoints; nothing reaches the database for good.
     """
-    if isinstance(engine, AsyncEngine):
+    if is_async_engine(engine):
         raise ConfigurationError(
             "rollback_connection() got an AsyncEngine; use `async with "
             "async_rollback_connection(engine)` (fixture sessionscope_async_connection)."
@@ -114,7 +117,7 @@ def rollback_connection(engine: Engine) -> Iterator[Connection]:
 @asynccontextmanager
 async def async_rollback_connection(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
     """An ``AsyncConnection`` of ``engine`` in a transaction that is rolled back on exit."""
-    if not isinstance(engine, AsyncEngine):
+    if not is_async_engine(engine):
         raise ConfigurationError(
             "async_rollback_connection() got a sync Engine; use `with "
             "rollback_connection(engine)` (fixture sessionscope_connection)."
@@ -167,10 +170,8 @@ def bind_app(
     connection's engine. Their sessions join the connection's transaction through a
     savepoint. The session factory's configuration is restored on exit.
     """
-    is_async = isinstance(connection, AsyncConnection)
-    engine = (
-        connection.sync_engine if isinstance(connection, AsyncConnection) else connection.engine
-    )
+    is_async = is_async_connection(connection)
+    engine = connection.sync_engine if is_async_connection(connection) else connection.engine
     every = find_middlewares(app)
     chosen = [
         mw
@@ -332,6 +333,8 @@ async def sessionscope_async_session(
     sessionscope_async_connection: AsyncConnection,
 ) -> AsyncIterator[AsyncSession]:
     """An ``AsyncSession`` on the test's connection; its commits are savepoints."""
+    from sqlalchemy.ext.asyncio import AsyncSession
+
     session = AsyncSession(bind=sessionscope_async_connection, join_transaction_mode=_SAVEPOINT)
     try:
         yield session
