@@ -21,9 +21,7 @@ from time import perf_counter
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-import structlog
-
-from .reporting import LOGGER_NAME
+from .reporting import event_log
 from .request_context import route_template
 
 if TYPE_CHECKING:
@@ -132,7 +130,7 @@ def _sweep_forever(ref: weakref.ref[LeakRegistry], stop: threading.Event, interv
         try:
             registry.sweep()
         except Exception as exc:  # never let the sweep thread die; the next sweep tries again
-            structlog.get_logger(LOGGER_NAME).error(
+            event_log().error(
                 "db_session.sweep_failed", error_type=type(exc).__name__, exc_info=exc
             )
         del registry

@@ -29,12 +29,11 @@ from typing import TYPE_CHECKING, Any, Final, TypeAlias
 import anyio
 import anyio.to_thread
 import sqlalchemy as sa
-import structlog
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 
 from .errors import ConfigurationError
-from .reporting import LOGGER_NAME
+from .reporting import event_log
 from .source import is_async_engine, require_asyncio
 
 if TYPE_CHECKING:
@@ -160,7 +159,7 @@ async def dispose_engines(*engines: AnyEngine) -> None:
                 else:
                     await anyio.to_thread.run_sync(engine.dispose)
             except Exception as exc:
-                structlog.get_logger(LOGGER_NAME).error(
+                event_log().error(
                     "db_lifespan.dispose_failed",
                     database=describe_database(engine),
                     error_type=type(exc).__name__,

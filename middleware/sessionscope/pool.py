@@ -36,7 +36,6 @@ from collections.abc import Callable
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, Final
 
-import structlog
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
@@ -45,7 +44,7 @@ from sqlalchemy.pool import Pool, PoolProxiedConnection
 from . import catalogue as cat
 from .metric_batch import multiprocess_mode
 from .metrics import Metrics
-from .reporting import LOGGER_NAME
+from .reporting import event_log
 from .source import is_async_engine
 
 if TYPE_CHECKING:
@@ -247,7 +246,7 @@ class PoolInstruments:
     def _log_timeout(self, pool: Pool, waited: float) -> None:
         """The ``db_pool.timeout`` error event; ``pending`` counts the other waiting checkouts."""
         overflow = _call(pool, "overflow")
-        structlog.get_logger(LOGGER_NAME).error(
+        event_log().error(
             TIMEOUT_EVENT,
             db=self.db,
             pool_size=_call(pool, "size"),

@@ -1,14 +1,19 @@
-"""What happens to request sessions, as structlog events and Prometheus metrics.
+"""What happens to request sessions, as log events and Prometheus metrics.
 
-The library never configures logging: it logs through ``structlog.get_logger("sessionscope")``
-with explicit keys. One canonical ``db_session.closed`` event per session (its level is the
-middleware's ``closed_log_level``, debug by default, or none), warnings for late writes, use
-after close and suspected leaks, errors for failed commits and cleanups. SQL parameters and
-connection URLs are never logged.
+The library never configures logging. Its events go where the application's own configuration
+sends them (asked at each event, so configuring logging after building the app works): to
+``structlog.get_logger("sessionscope")`` when the application configured structlog, else to
+the standard ``logging`` logger ``sessionscope`` (the event name as the message, its keys as
+``extra`` fields), which prints nothing below WARNING unless the application turns it on.
+One canonical ``db_session.closed`` event per session (its level is the middleware's
+``closed_log_level``, debug by default, or none), warnings for late writes, use after close
+and suspected leaks, errors for failed commits and cleanups. SQL parameters and connection
+URLs are never logged.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import traceback
 from time import perf_counter
@@ -33,6 +38,104 @@ LEVELS: Final = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 LEVEL_RECHECK: Final = 1.0
 """Seconds for which the answer "is the closed event's level enabled?" is reused."""
 
+_RECORD_ATTRIBUTES: Final = frozenset({*vars(logging.makeLogRecord({})), "message", "asctime"})
+"""Names ``logging`` refuses as ``extra`` keys (a ``LogRecord``'s own attributes)."""
+
+
+class EventLog:
+    """sessionscope's events, sent to structlog or to ``logging`` as the application set up.
+
+    structlog when ``structlog.is_configured()`` (the events are exactly what structlog got
+    before ``logging`` was supported), else the standard logger ``sessionscope``. Both are
+    asked at each event: the check is a read of structlog's configuration flag, and
+    ``Logger.isEnabledFor`` is cached by ``logging``.
+    """
+
+    __slots__ = ("_answer", "_answered_until", "_stdlib", "_structlog")
+
+    def __init__(self) -> None:
+        self._structlog: Any = structlog.get_logger(LOGGER_NAME)
+        self._stdlib = logging.getLogger(LOGGER_NAME)
+        self._answer = (0, False)
+        self._answered_until = -math.inf
+
+    def is_enabled_for(self, level: int, now: float) -> bool:
+        """Whether an event at ``level`` would be logged at ``now`` (a ``perf_counter``).
+
+        Asking structlog costs more than the rest of a session's close: its answer is reused
+        for ``LEVEL_RECHECK`` seconds (levels rarely change). ``logging`` caches its own.
+        """
+        if not structlog.is_configured():
+            self._answered_until = -math.inf  # structlog is asked afresh once configured
+            return self._stdlib.isEnabledFor(level)
+        if now >= self._answered_until or self._answer[0] != level:
+            is_enabled_for = getattr(self._structlog, "is_enabled_for", None)
+            enabled = True if is_enabled_for is None else bool(is_enabled_for(level))
+            self._answer = (level, enabled)
+            self._answered_until = now + LEVEL_RECHECK
+        return self._answer[1]
+
+    def log(self, level: int, event: str, **fields: Any) -> None:
+        """The event at a numeric ``level``."""
+        if structlog.is_configured():
+            self._structlog.log(level, event, **fields)
+        elif self._stdlib.isEnabledFor(level):
+            self._emit(level, event, fields)
+
+    def info(self, event: str, **fields: Any) -> None:
+        """The event at INFO."""
+        if structlog.is_configured():
+            self._structlog.info(event, **fields)
+        elif self._stdlib.isEnabledFor(logging.INFO):
+            self._emit(logging.INFO, event, fields)
+
+    def warning(self, event: str, **fields: Any) -> None:
+        """The event at WARNING."""
+        if structlog.is_configured():
+            self._structlog.warning(event, **fields)
+        elif self._stdlib.isEnabledFor(logging.WARNING):
+            self._emit(logging.WARNING, event, fields)
+
+    def error(self, event: str, **fields: Any) -> None:
+        """The event at ERROR."""
+        if structlog.is_configured():
+            self._structlog.error(event, **fields)
+        elif self._stdlib.isEnabledFor(logging.ERROR):
+            self._emit(logging.ERROR, event, fields)
+
+    def _emit(self, level: int, event: str, fields: dict[str, Any]) -> None:
+        exc_info = fields.pop("exc_info", None)
+        if not _RECORD_ATTRIBUTES.isdisjoint(fields):
+            fields = {f"{k}_" if k in _RECORD_ATTRIBUTES else k: v for k, v in fields.items()}
+        logger = self._stdlib
+        # stacklevel: the record names the sessionscope code that logged, not this class.
+        if logger.hasHandlers():
+            logger.log(level, event, exc_info=exc_info, extra=fields, stacklevel=3)
+        else:
+            # No handler anywhere: Python's last-resort handler writes the bare message to
+            # stderr (WARNING and above), so the message carries the fields.
+            rendered = _render(event, fields)
+            logger.log(level, rendered, exc_info=exc_info, extra=fields, stacklevel=3)
+
+
+def _render(event: str, fields: dict[str, Any]) -> str:
+    """``event key=value ...`` on one line, multi-line values (tracebacks) below it."""
+    inline = [event]
+    below: list[str] = []
+    for key, value in fields.items():
+        if isinstance(value, str) and "\n" in value.strip():
+            below.append(f"{key}:\n{value.rstrip()}")
+        elif isinstance(value, str) and (not value or any(c.isspace() for c in value)):
+            inline.append(f"{key}={value!r}")
+        else:
+            inline.append(f"{key}={value}")
+    return "\n".join([" ".join(inline), *below])
+
+
+def event_log() -> EventLog:
+    """Where an event of sessionscope goes (see :class:`EventLog`)."""
+    return EventLog()
+
 
 class Reporter:
     """Turns lifecycle events of one middleware's sessions into logs and metrics."""
@@ -50,10 +153,8 @@ class Reporter:
         self.leaks = leaks
         self.pool: PoolInstruments | None = None
         self.spans: SessionSpans | None = None
-        self._log: Any = structlog.get_logger(LOGGER_NAME)
+        self._log = EventLog()
         self._closed_level = None if closed_level is None else LEVELS[closed_level]
-        self._closed_enabled = False
-        self._closed_checked_until = -math.inf
         self._correlation = correlation_id_source()
 
     def fields(self, rs: RequestSession) -> dict[str, Any]:
@@ -207,12 +308,7 @@ class Reporter:
                     "db_session.leak_resolved", held_s=round(duration, 3), **self.fields(rs)
                 )
         level = self._closed_level
-        if level is not None and rs.closed_at >= self._closed_checked_until:
-            # Asking structlog costs more than the rest of a close; levels rarely change, so
-            # the answer is reused for a second.
-            self._closed_enabled = self._enabled(level)
-            self._closed_checked_until = rs.closed_at + LEVEL_RECHECK
-        if level is not None and self._closed_enabled:
+        if level is not None and self._log.is_enabled_for(level, rs.closed_at):
             self._log.log(
                 level,
                 "db_session.closed",
@@ -223,10 +319,6 @@ class Reporter:
                 statements=rs.statements,
                 **self.fields(rs),
             )
-
-    def _enabled(self, level: int) -> bool:
-        is_enabled_for = getattr(self._log, "is_enabled_for", None)
-        return True if is_enabled_for is None else bool(is_enabled_for(level))
 
 
 def error_fields(exc: BaseException) -> dict[str, Any]:

@@ -7,7 +7,6 @@ import weakref
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
-import structlog
 from prometheus_client import CollectorRegistry
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -15,7 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from .catalogue import DEFAULT_NAMESPACE
 from .errors import ConfigurationError
 from .metrics import DbMetrics, Metrics
-from .reporting import LOGGER_NAME
+from .reporting import event_log
 from .session_calls import run_to_completion
 from .source import (
     AnySession,
@@ -153,7 +152,7 @@ class session_scope(Generic[S]):
 
 def _report_unclosed(metrics: DbMetrics, name: str, opened_at: str) -> None:
     metrics.gc_unclosed.inc()
-    structlog.get_logger(LOGGER_NAME).warning(
+    event_log().warning(
         "db_session.gc_unclosed",
         db=name,
         opened_at=opened_at,

@@ -213,9 +213,12 @@ def capture_session_events() -> Iterator[list[dict[str, Any]]]:
     ``with capture_session_events() as events:`` — ``events`` is a list of event dicts
     (``event``, ``log_level``, ``db``, ``outcome``...) filled in as they happen. Like
     ``structlog.testing.capture_logs``, configured processors are off meanwhile and other
-    events are dropped; not thread-safe.
+    events are dropped; not thread-safe. The events are captured whether the application
+    configured structlog or not (sessionscope logs through ``logging`` when it did not, and
+    is left so afterwards).
     """
     capture = _SessionEventCapture()
+    configured = structlog.is_configured()
     processors = structlog.get_config()["processors"]
     saved = list(processors)
     try:
@@ -227,7 +230,10 @@ def capture_session_events() -> Iterator[list[dict[str, Any]]]:
     finally:
         processors.clear()
         processors.extend(saved)
-        structlog.configure(processors=processors)
+        if configured:
+            structlog.configure(processors=processors)
+        else:
+            structlog.reset_defaults()
 
 
 class _SessionEventCapture(structlog.testing.LogCapture):
