@@ -35,6 +35,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session
 
 from . import outcome as oc
+from .decision_gate import DecisionGate
 from .errors import SessionClosedError
 from .hooks import CommitHooks
 from .policy import CommitPolicy, rollback_reason
@@ -92,6 +93,9 @@ class SessionSettings:
     """Where requests with a read-only method get their session (``replica_engine=``)."""
     replica_slots: SessionSlots | None = None
     read_only_methods: frozenset[str] = frozenset()
+    gated: bool = False
+    """Hold statements back while the decision runs (a middleware inside runs the application
+    in a task of its own: see :mod:`sessionscope.decision_gate`)."""
 
     def install_guard(self) -> None:
         """Make sessions from these sources refuse to start a transaction once closed."""
@@ -136,6 +140,8 @@ class RequestSession(StatementTally):
     closed_at: float = 0.0
     commit_seconds: float | None = None
     """How long the decided commit took (reported with the close)."""
+    gate: DecisionGate | None = None
+    """Keeps statements and the decision apart (``settings.gated`` only)."""
 
     state: RequestState
     """The request's state, where the session is remembered once created (set by the
@@ -189,6 +195,9 @@ class RequestSession(StatementTally):
                     raise closed_error(self.settings, route_template(self.scope), "requested")
                 session = self.source.new_session()
                 session.info[REQUEST_KEY] = self
+                if self.settings.gated:
+                    self.gate = DecisionGate(self.loop_thread, is_async=self.source.is_async)
+                    self.gate.watch(session)
                 self.opened_at = perf_counter()
                 self.session = session
                 self.state.remember(self.settings.state_key, session)
@@ -260,8 +269,15 @@ class RequestSession(StatementTally):
         # A cancellation held back while a worker thread ran (anyio delivers it at the next
         # checkpoint) must turn into a rollback here, not come after a commit.
         await anyio.lowlevel.checkpoint_if_cancelled()
-        committed = await self._decide(status)
-        self._decided()
+        gate = self.gate
+        if gate is not None:
+            await gate.close()  # no statement of the application's runs during the decision
+        try:
+            committed = await self._decide(status)
+            self._decided()
+        finally:
+            if gate is not None:
+                gate.open()
         if not committed:
             self.replaced = True
             await self._send_all(error_response(500))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -11,6 +11,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlalchemy.orm import sessionmaker
+from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import aiosqlite_idle, statements
@@ -183,6 +184,7 @@ class DBSessionMiddleware:
             replica=replica,
             replica_slots=None if replica is None else _slots(replica, f"{name}_replica"),
             read_only_methods=frozenset(m.upper() for m in read_only_methods),
+            gated=_runs_app_in_own_task(app),
         )
         self.settings.install_guard()
         for each in (source, replica):
@@ -235,10 +237,25 @@ def _slots(source: SessionSource, name: str) -> SessionSlots | None:
     return SessionSlots.for_engine(source.engine, name)
 
 
-def _refuse_duplicates(app: ASGIApp, *, name: str, state_key: str) -> None:
-    """Fail when a DBSessionMiddleware further in uses the same name or state key."""
+def _inner_apps(app: ASGIApp) -> Iterator[Any]:
+    """``app`` and the applications it wraps, through their ``app`` attributes."""
     inner: Any = app
     for _ in range(64):
+        yield inner
+        inner = getattr(inner, "app", None)
+        if inner is None:
+            return
+
+
+def _runs_app_in_own_task(app: ASGIApp) -> bool:
+    """Whether a ``BaseHTTPMiddleware`` (``@app.middleware("http")``) is inside: it runs the
+    application in a task of its own, so its body runs on while the decision is made."""
+    return any(isinstance(inner, BaseHTTPMiddleware) for inner in _inner_apps(app))
+
+
+def _refuse_duplicates(app: ASGIApp, *, name: str, state_key: str) -> None:
+    """Fail when a DBSessionMiddleware further in uses the same name or state key."""
+    for inner in _inner_apps(app):
         if isinstance(inner, DBSessionMiddleware):
             for label, mine, theirs in (
                 ("state_key", state_key, inner.state_key),
@@ -251,6 +268,3 @@ def _refuse_duplicates(app: ASGIApp, *, name: str, state_key: str) -> None:
                         "add_middleware(DBSessionMiddleware, engine=replica, "
                         "name='replica', state_key='replica_db')."
                     )
-        inner = getattr(inner, "app", None)
-        if inner is None:
-            return

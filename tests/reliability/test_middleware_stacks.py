@@ -96,8 +96,9 @@ def streaming_app(engine: Engine | AsyncEngine, registry: CollectorRegistry, sty
             before = await db.scalar(count_named("nobody")) or 0
 
             async def body() -> AsyncIterator[bytes]:
-                for _ in range(3):
-                    yield b"%d;" % (before + (await db.scalar(count_named("nobody")) or 0))
+                for _ in range(3):  # two statements a chunk: the second may start mid-decision
+                    first = await db.scalar(count_named("nobody")) or 0
+                    yield b"%d;" % (before + first + (await db.scalar(count_named("x")) or 0))
 
             return StreamingResponse(body())
 
@@ -121,8 +122,9 @@ def streaming_app(engine: Engine | AsyncEngine, registry: CollectorRegistry, sty
             before = db.scalar(count_named("nobody")) or 0
 
             def body() -> Iterator[bytes]:
-                for _ in range(3):
-                    yield b"%d;" % (before + (db.scalar(count_named("nobody")) or 0))
+                for _ in range(3):  # two statements a chunk: the second may start mid-decision
+                    first = db.scalar(count_named("nobody")) or 0
+                    yield b"%d;" % (before + first + (db.scalar(count_named("x")) or 0))
 
             return StreamingResponse(body())
 
