@@ -31,6 +31,7 @@ import anyio
 import anyio.from_thread
 import anyio.lowlevel
 from sqlalchemy import event
+from sqlalchemy.exc import IllegalStateChangeError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session
 
@@ -54,6 +55,8 @@ if TYPE_CHECKING:
 
 REQUEST_KEY: Final = "sessionscope.request"
 """``Session.info`` key of the open request session's :class:`RequestSession`."""
+IDLE_WAIT_SECONDS: Final = 30.0
+"""How long closing a request session waits for another task or thread to stop using it."""
 _CLOSED_BY: Final = "sessionscope.closed_by"
 """``Session.info`` key marking a closed request session: (settings, matched route object) of
 its request."""
@@ -383,7 +386,7 @@ class RequestSession(StatementTally):
         self.phase = _CLOSED
         try:
             # close() rolls back the transaction and returns its connection: one call.
-            await self._call("close")
+            await self._close_when_idle()
         except Exception as exc_close:
             self.settings.reporter.failed(self, oc.PHASE_CLOSE, exc_close)
             await self._discard()
@@ -430,6 +433,29 @@ class RequestSession(StatementTally):
         # Async sessions are awaited whether or not they hold a connection: no need to ask.
         holds = not calls.is_async and self.holds_connection()
         await calls.call(session, method, holds_connection=holds)
+
+    async def _close_when_idle(self) -> None:
+        """``close()``, once no other task or thread is using the session.
+
+        A task the application left running (``asyncio.gather`` does not wait for the other
+        task when one fails) may still be checking out the session's connection or running a
+        statement on it. Closing then fails (or races the statement) and, if nothing retries,
+        the connection stays checked out for good inside its transaction. So the close waits,
+        up to ``IDLE_WAIT_SECONDS``, for that use to end. An ordinary request, whose session
+        nobody else uses, closes at once.
+        """
+        waited, delay = 0.0, 0.001
+        while True:
+            if self.busy_connection is None or waited >= IDLE_WAIT_SECONDS:
+                try:
+                    await self._call("close")
+                    return
+                except IllegalStateChangeError:  # another task is inside a session method
+                    if waited >= IDLE_WAIT_SECONDS:
+                        raise
+            await anyio.sleep(delay)
+            waited += delay
+            delay = min(delay * 2, 0.05)
 
     def _wrote_late(self, sync: Session) -> bool:
         return bool(self.late_writes or sync.new or sync.dirty or sync.deleted)
