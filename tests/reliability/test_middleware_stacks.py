@@ -11,6 +11,8 @@ transaction.
 
 from __future__ import annotations
 
+import gzip
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
@@ -23,10 +25,11 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
 from starlette.middleware.base import BaseHTTPMiddleware
+from starlette.middleware.gzip import GZipMiddleware
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from sessionscope import DBSessionMiddleware
+from sessionscope import DBSessionMiddleware, MiddlewareOrderWarning
 
 from ..support import items
 from .helpers import Client, checkedout, dispose, pg_engine, sample, wait_until_quiet
@@ -155,6 +158,106 @@ async def test_a_stream_behind_an_inner_http_middleware_comes_out_whole_and_late
         assert await wait_until_quiet(check, app_name) == 0  # no backend idle in transaction
         assert names(check) == {f"endpoint-{i}" for i in range(REQUESTS)}  # no late-i
         assert sample(registry, "db_sessions_open") == 0
+    finally:
+        with anyio.CancelScope(shield=True):
+            await dispose(engine)
+
+
+# ------------------------------------------------------------ a middleware holding the start
+#
+# GZipMiddleware holds the response start until the first body chunk (it must see the body to
+# choose its headers). Inside DBSessionMiddleware it moves the decision there: what a stream
+# does before its first chunk joins the request's transaction. Outside, the decision is made
+# at the application's own start as everywhere else. The middleware warns at build time when
+# such a holder is inside it.
+
+CHUNK = b"x" * 600  # above GZipMiddleware's minimum_size: the body is compressed
+
+
+def gzip_app(engine: Engine | AsyncEngine, registry: CollectorRegistry, *, inside: bool) -> Any:
+    """``POST /export/{i}`` writes ``endpoint-i``; its stream writes ``early-i`` before its
+    first chunk and ``late-i`` after it."""
+    app = FastAPI()
+    if isinstance(engine, AsyncEngine):
+
+        @app.post("/export/{i}")
+        async def export_async(request: Request, i: int) -> StreamingResponse:
+            db: AsyncSession = request.state.db
+            await db.execute(items.insert().values(name=f"endpoint-{i}"))
+
+            async def body() -> AsyncIterator[bytes]:
+                await db.execute(items.insert().values(name=f"early-{i}"))
+                yield CHUNK
+                await db.execute(items.insert().values(name=f"late-{i}"))
+                yield CHUNK
+
+            return StreamingResponse(body())
+
+    else:
+
+        @app.post("/export/{i}")
+        def export_sync(request: Request, i: int) -> StreamingResponse:
+            db: Session = request.state.db
+            db.execute(items.insert().values(name=f"endpoint-{i}"))
+
+            def body() -> Iterator[bytes]:
+                db.execute(items.insert().values(name=f"early-{i}"))
+                yield CHUNK
+                db.execute(items.insert().values(name=f"late-{i}"))
+                yield CHUNK
+
+            return StreamingResponse(body())
+
+    # add_middleware wraps what was added before: the last one added is the outermost.
+    if inside:
+        app.add_middleware(GZipMiddleware)
+        app.add_middleware(DBSessionMiddleware, engine=engine, registry=registry)
+    else:
+        app.add_middleware(DBSessionMiddleware, engine=engine, registry=registry)
+        app.add_middleware(GZipMiddleware)
+    return app
+
+
+def test_a_middleware_holding_the_response_start_inside_is_reported_when_the_stack_is_built(
+    tmp_path: Any,
+) -> None:
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'order.db'}")
+    try:
+        with pytest.warns(MiddlewareOrderWarning, match=r"GZipMiddleware.*add_middleware"):
+            gzip_app(engine, CollectorRegistry(), inside=True).build_middleware_stack()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", MiddlewareOrderWarning)
+            gzip_app(engine, CollectorRegistry(), inside=False).build_middleware_stack()
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("inside", [False, True], ids=["gzip-outside", "gzip-inside"])
+@pytest.mark.parametrize("kind", KINDS)
+async def test_gzip_outside_decides_at_the_apps_start_and_inside_at_the_first_chunk(
+    kind: str, inside: bool, pg_url: str, check: Engine, app_name: str
+) -> None:
+    engine = pg_engine(pg_url, async_=kind == "pg-async", application_name=app_name)
+    registry = CollectorRegistry()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MiddlewareOrderWarning)
+        app = gzip_app(engine, registry, inside=inside)
+        app.build_middleware_stack()
+    client = Client(app)
+    try:
+        outcome = await client.call(
+            "/export/0", method="POST", headers=[(b"accept-encoding", b"gzip")]
+        )
+        assert outcome.error is None, outcome.error
+        assert outcome.status == 200
+        assert outcome.headers["content-encoding"] == "gzip"
+        assert gzip.decompress(outcome.body) == CHUNK * 2
+        # Outside, the stream's first write comes after the decision, rolled back like any
+        # late write; inside, the decision waits for the first chunk and commits it.
+        expected = {"endpoint-0", "early-0"} if inside else {"endpoint-0"}
+        assert names(check) == expected
+        assert checkedout(engine) == 0
+        assert await wait_until_quiet(check, app_name) == 0
     finally:
         with anyio.CancelScope(shield=True):
             await dispose(engine)
