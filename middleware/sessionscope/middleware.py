@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -12,11 +13,12 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlalchemy.orm import sessionmaker
 from starlette.middleware.base import BaseHTTPMiddleware
+from starlette.middleware.gzip import GZipMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import aiosqlite_idle, statements
 from .catalogue import DEFAULT_NAMESPACE
-from .errors import ConfigurationError, concurrent_use
+from .errors import ConfigurationError, MiddlewareOrderWarning, concurrent_use
 from .leaks import LeakRegistry
 from .lifecycle import RequestSession, SessionSettings
 from .metrics import DEFAULT_MAX_ROUTES, Metrics
@@ -31,6 +33,8 @@ from .source import SessionSource, replica_source, resolve_source
 from .statements import CURRENT
 
 _OWNER = "DBSessionMiddleware"
+_HOLDER_WORDS = ("gzip", "brotli", "zstd", "compress")
+"""Class-name words of middlewares that hold the response start (compression)."""
 
 
 class DBSessionMiddleware:
@@ -150,6 +154,7 @@ class DBSessionMiddleware:
             None if replica_engine is None else replica_source(source, replica_engine, owner=_OWNER)
         )
         _refuse_duplicates(app, name=name, state_key=state_key)
+        _warn_of_start_holders(app)
         self.app = app
         self.name = name
         self.state_key = state_key
@@ -251,6 +256,24 @@ def _runs_app_in_own_task(app: ASGIApp) -> bool:
     """Whether a ``BaseHTTPMiddleware`` (``@app.middleware("http")``) is inside: it runs the
     application in a task of its own, so its body runs on while the decision is made."""
     return any(isinstance(inner, BaseHTTPMiddleware) for inner in _inner_apps(app))
+
+
+def _warn_of_start_holders(app: ASGIApp) -> None:
+    """Warn of a middleware inside that holds the response start until the first body chunk
+    (``GZipMiddleware``, other compression middlewares by name): the decision would wait for
+    that chunk, and what a streaming body does before it would be committed with the request."""
+    for inner in _inner_apps(app):
+        kind = type(inner).__name__
+        if isinstance(inner, GZipMiddleware) or any(w in kind.lower() for w in _HOLDER_WORDS):
+            warnings.warn(
+                f"{kind} is inside {_OWNER}: it holds the response start until the first "
+                "body chunk, so the commit decision waits for that chunk and what a streaming "
+                f"body does before its first chunk is committed with the request. Add {kind} "
+                f"after {_OWNER} (app.add_middleware({kind}) last) so that it wraps it.",
+                MiddlewareOrderWarning,
+                stacklevel=3,
+            )
+            return
 
 
 def _refuse_duplicates(app: ASGIApp, *, name: str, state_key: str) -> None:
