@@ -117,6 +117,8 @@ class DecisionGate:
             if opened is None:
                 continue
             if self._is_async:
+                # The listener runs in the greenlet of the AsyncSession call: await_ is how
+                # SQLAlchemy's own async drivers wait for the event loop from there.
                 await_(opened.wait())
             elif threading.get_ident() == self._loop_thread:
                 # A sync session used on the event loop itself cannot wait here: the decision
