@@ -31,12 +31,18 @@ SLEEP = sa.text("SELECT pg_sleep(0.2)")
 
 
 def gather_app() -> Any:
-    """``/gather`` runs two statements at once on the request session as its first ones;
-    ``/`` writes one row and answers 201."""
+    """``/gather`` runs two statements at once on the request session as its first ones,
+    ``/warm-gather`` after one of its own; ``/`` writes one row and answers 201."""
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         session = scope["state"]["db"]
-        if scope["path"] == "/gather":
+        if scope["path"] == "/warm-gather":  # the session holds its connection already
+            statement = sa.select(sa.func.count()).select_from(items)
+            if isinstance(session, AsyncSession):
+                await session.execute(statement)
+            else:
+                await run_in_threadpool(session.execute, statement)
+        if scope["path"] in ("/gather", "/warm-gather"):
             if isinstance(session, AsyncSession):
                 await asyncio.gather(session.execute(SLEEP), session.execute(SLEEP))
             else:
@@ -56,9 +62,10 @@ def gather_app() -> Any:
     return app
 
 
+@pytest.mark.parametrize("path", ["/gather", "/warm-gather"])
 @pytest.mark.parametrize("kind", KINDS)
 async def test_two_tasks_on_a_fresh_request_session_leave_no_connection_or_transaction_behind(
-    kind: str, pg_url: str, check: Engine, app_name: str
+    kind: str, path: str, pg_url: str, check: Engine, app_name: str
 ) -> None:
     engine = pg_engine(
         pg_url,
@@ -71,7 +78,7 @@ async def test_two_tasks_on_a_fresh_request_session_leave_no_connection_or_trans
     client = Client(DBSessionMiddleware(gather_app(), engine=engine, registry=CollectorRegistry()))
     try:
         for _ in range(2):  # as many as the pool has connections
-            outcome = await client.call("/gather")
+            outcome = await client.call(path)
             assert isinstance(outcome.error, ConcurrentSessionUseError), repr(outcome.error)
             assert "gather_with_sessions" in str(outcome.error)
         # The other task of each request may still be running: bounded wait for it to end.
