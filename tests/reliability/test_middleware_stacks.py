@@ -12,18 +12,23 @@ transaction.
 from __future__ import annotations
 
 import gzip
+import threading
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import anyio
+import anyio.from_thread
+import anyio.lowlevel
 import pytest
 import sqlalchemy as sa
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
+from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
+from sqlalchemy.util import await_
 from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.middleware.gzip import GZipMiddleware
 from starlette.requests import Request
@@ -32,7 +37,15 @@ from starlette.responses import Response, StreamingResponse
 from sessionscope import DBSessionMiddleware, MiddlewareOrderWarning
 
 from ..support import items
-from .helpers import Client, checkedout, dispose, pg_engine, sample, wait_until_quiet
+from .helpers import (
+    Client,
+    checkedout,
+    dispose,
+    pg_engine,
+    sample,
+    sync_engine_of,
+    wait_until_quiet,
+)
 
 pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
 
@@ -159,6 +172,83 @@ async def test_a_stream_behind_an_inner_http_middleware_comes_out_whole_and_late
         assert names(check) == {f"endpoint-{i}" for i in range(REQUESTS)}  # no late-i
         assert sample(registry, "db_sessions_open") == 0
     finally:
+        with anyio.CancelScope(shield=True):
+            await dispose(engine)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_statement_started_while_the_decision_commits_waits_for_it_and_runs_late(
+    kind: str, pg_url: str, check: Engine, app_name: str
+) -> None:
+    """The request's COMMIT is held until the stream has started a statement of its own: that
+    statement waits for the decision, then reads in a new transaction (no error, whole body)."""
+    engine = pg_engine(pg_url, async_=kind == "pg-async", application_name=app_name)
+    committing, release = threading.Event(), threading.Event()
+    loop_committing = anyio.Event()
+    token = anyio.lowlevel.current_token()
+
+    def hold_commit(conn: Any) -> None:
+        if committing.is_set():
+            return
+        committing.set()
+        if isinstance(engine, AsyncEngine):
+            loop_committing.set()
+            await_(release_async.wait())  # in the commit's greenlet, on the event loop
+        else:
+            anyio.from_thread.run_sync(loop_committing.set, token=token)
+            release.wait()
+
+    release_async = anyio.Event()
+    event.listen(sync_engine_of(engine), "commit", hold_commit)
+    app = FastAPI()
+    if isinstance(engine, AsyncEngine):
+
+        @app.post("/")
+        async def write_async(request: Request) -> StreamingResponse:
+            db: AsyncSession = request.state.db
+            await db.execute(items.insert().values(name="endpoint"))
+
+            async def body() -> AsyncIterator[bytes]:
+                await loop_committing.wait()
+                yield b"%d;" % (await db.scalar(count_named("endpoint")) or 0)
+
+            return StreamingResponse(body())
+
+    else:
+
+        @app.post("/")
+        def write_sync(request: Request) -> StreamingResponse:
+            db: Session = request.state.db
+            db.execute(items.insert().values(name="endpoint"))
+
+            def body() -> Iterator[bytes]:
+                committing.wait()
+                yield b"%d;" % (db.scalar(count_named("endpoint")) or 0)
+
+            return StreamingResponse(body())
+
+    add_inner_http_middleware(app, "decorator")
+    app.add_middleware(DBSessionMiddleware, engine=engine, registry=CollectorRegistry())
+    client = Client(app)
+
+    async def release_the_commit() -> None:
+        await loop_committing.wait()
+        await anyio.sleep(0.2)  # give the stream's statement time to start (not asserted on)
+        release.set()
+        release_async.set()
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(release_the_commit)
+            outcome = await client.call("/", method="POST")
+        assert outcome.error is None, outcome.error
+        assert outcome.status == 200
+        assert outcome.body == b"1;"
+        assert names(check) == {"endpoint"}
+        assert checkedout(engine) == 0
+        assert await wait_until_quiet(check, app_name) == 0
+    finally:
+        release.set()
         with anyio.CancelScope(shield=True):
             await dispose(engine)
 
