@@ -8,6 +8,7 @@ response status before the client sees that status, and always closes it.
 from .errors import (
     ConcurrentSessionUseError,
     ConfigurationError,
+    MiddlewareOrderWarning,
     ReadOnlyRequestError,
     SessionClosedError,
     SessionNotAvailableError,
@@ -21,6 +22,7 @@ __all__ = [
     "ConcurrentSessionUseError",
     "ConfigurationError",
     "DBSessionMiddleware",
+    "MiddlewareOrderWarning",
     "ReadOnlyRequestError",
     "SessionClosedError",
     "SessionNotAvailableError",

@@ -15,6 +15,15 @@ class ConfigurationError(ValueError):
     """The middleware or a helper was configured wrongly; the message says how to fix it."""
 
 
+class MiddlewareOrderWarning(UserWarning):
+    """A middleware inside ``DBSessionMiddleware`` changes when the commit decision is made.
+
+    ``GZipMiddleware`` (and other compression middlewares) hold the response start until the
+    first body chunk: inside ``DBSessionMiddleware`` the decision waits for that chunk. Add
+    them after ``DBSessionMiddleware`` so they wrap it.
+    """
+
+
 class SessionClosedError(RuntimeError):
     """A request session was used after the middleware closed it.
 

@@ -31,10 +31,12 @@ import anyio
 import anyio.from_thread
 import anyio.lowlevel
 from sqlalchemy import event
+from sqlalchemy.exc import IllegalStateChangeError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session
 
 from . import outcome as oc
+from .decision_gate import DecisionGate
 from .errors import SessionClosedError
 from .hooks import CommitHooks
 from .policy import CommitPolicy, rollback_reason
@@ -53,6 +55,8 @@ if TYPE_CHECKING:
 
 REQUEST_KEY: Final = "sessionscope.request"
 """``Session.info`` key of the open request session's :class:`RequestSession`."""
+IDLE_WAIT_SECONDS: Final = 30.0
+"""How long closing a request session waits for another task or thread to stop using it."""
 _CLOSED_BY: Final = "sessionscope.closed_by"
 """``Session.info`` key marking a closed request session: (settings, matched route object) of
 its request."""
@@ -92,6 +96,9 @@ class SessionSettings:
     """Where requests with a read-only method get their session (``replica_engine=``)."""
     replica_slots: SessionSlots | None = None
     read_only_methods: frozenset[str] = frozenset()
+    gated: bool = False
+    """Hold statements back while the decision runs (a middleware inside runs the application
+    in a task of its own: see :mod:`sessionscope.decision_gate`)."""
 
     def install_guard(self) -> None:
         """Make sessions from these sources refuse to start a transaction once closed."""
@@ -136,6 +143,8 @@ class RequestSession(StatementTally):
     closed_at: float = 0.0
     commit_seconds: float | None = None
     """How long the decided commit took (reported with the close)."""
+    gate: DecisionGate | None = None
+    """Keeps statements and the decision apart (``settings.gated`` only)."""
 
     state: RequestState
     """The request's state, where the session is remembered once created (set by the
@@ -189,6 +198,9 @@ class RequestSession(StatementTally):
                     raise closed_error(self.settings, route_template(self.scope), "requested")
                 session = self.source.new_session()
                 session.info[REQUEST_KEY] = self
+                if self.settings.gated:
+                    self.gate = DecisionGate(self.loop_thread, is_async=self.source.is_async)
+                    self.gate.watch(session)
                 self.opened_at = perf_counter()
                 self.session = session
                 self.state.remember(self.settings.state_key, session)
@@ -260,8 +272,15 @@ class RequestSession(StatementTally):
         # A cancellation held back while a worker thread ran (anyio delivers it at the next
         # checkpoint) must turn into a rollback here, not come after a commit.
         await anyio.lowlevel.checkpoint_if_cancelled()
-        committed = await self._decide(status)
-        self._decided()
+        gate = self.gate
+        if gate is not None:
+            await gate.close()  # no statement of the application's runs during the decision
+        try:
+            committed = await self._decide(status)
+            self._decided()
+        finally:
+            if gate is not None:
+                gate.open()
         if not committed:
             self.replaced = True
             await self._send_all(error_response(500))
@@ -367,7 +386,7 @@ class RequestSession(StatementTally):
         self.phase = _CLOSED
         try:
             # close() rolls back the transaction and returns its connection: one call.
-            await self._call("close")
+            await self._close_when_idle()
         except Exception as exc_close:
             self.settings.reporter.failed(self, oc.PHASE_CLOSE, exc_close)
             await self._discard()
@@ -414,6 +433,29 @@ class RequestSession(StatementTally):
         # Async sessions are awaited whether or not they hold a connection: no need to ask.
         holds = not calls.is_async and self.holds_connection()
         await calls.call(session, method, holds_connection=holds)
+
+    async def _close_when_idle(self) -> None:
+        """``close()``, once no other task or thread is using the session.
+
+        A task the application left running (``asyncio.gather`` does not wait for the other
+        task when one fails) may still be checking out the session's connection or running a
+        statement on it. Closing then fails (or races the statement) and, if nothing retries,
+        the connection stays checked out for good inside its transaction. So the close waits,
+        up to ``IDLE_WAIT_SECONDS``, for that use to end. An ordinary request, whose session
+        nobody else uses, closes at once.
+        """
+        waited, delay = 0.0, 0.001
+        while True:
+            if self.busy_connection is None or waited >= IDLE_WAIT_SECONDS:
+                try:
+                    await self._call("close")
+                    return
+                except IllegalStateChangeError:  # another task is inside a session method
+                    if waited >= IDLE_WAIT_SECONDS:
+                        raise
+            await anyio.sleep(delay)
+            waited += delay
+            delay = min(delay * 2, 0.05)
 
     def _wrote_late(self, sync: Session) -> bool:
         return bool(self.late_writes or sync.new or sync.dirty or sync.deleted)

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
+import warnings
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import sessionmaker
+from starlette.middleware.base import BaseHTTPMiddleware
+from starlette.middleware.gzip import GZipMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import aiosqlite_idle, statements
 from .catalogue import DEFAULT_NAMESPACE
-from .errors import ConfigurationError, concurrent_use
+from .errors import ConfigurationError, MiddlewareOrderWarning, concurrent_use
 from .leaks import LeakRegistry
 from .lifecycle import RequestSession, SessionSettings
 from .metrics import DEFAULT_MAX_ROUTES, Metrics
@@ -32,6 +35,8 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
 _OWNER = "DBSessionMiddleware"
+_HOLDER_WORDS = ("gzip", "brotli", "zstd", "compress")
+"""Class-name words of middlewares that hold the response start (compression)."""
 
 
 class DBSessionMiddleware:
@@ -151,6 +156,7 @@ class DBSessionMiddleware:
             None if replica_engine is None else replica_source(source, replica_engine, owner=_OWNER)
         )
         _refuse_duplicates(app, name=name, state_key=state_key)
+        _warn_of_start_holders(app)
         self.app = app
         self.name = name
         self.state_key = state_key
@@ -185,6 +191,7 @@ class DBSessionMiddleware:
             replica=replica,
             replica_slots=None if replica is None else _slots(replica, f"{name}_replica"),
             read_only_methods=frozenset(m.upper() for m in read_only_methods),
+            gated=_runs_app_in_own_task(app),
         )
         self.settings.install_guard()
         for each in (source, replica):
@@ -237,10 +244,43 @@ def _slots(source: SessionSource, name: str) -> SessionSlots | None:
     return SessionSlots.for_engine(source.engine, name)
 
 
-def _refuse_duplicates(app: ASGIApp, *, name: str, state_key: str) -> None:
-    """Fail when a DBSessionMiddleware further in uses the same name or state key."""
+def _inner_apps(app: ASGIApp) -> Iterator[Any]:
+    """``app`` and the applications it wraps, through their ``app`` attributes."""
     inner: Any = app
     for _ in range(64):
+        yield inner
+        inner = getattr(inner, "app", None)
+        if inner is None:
+            return
+
+
+def _runs_app_in_own_task(app: ASGIApp) -> bool:
+    """Whether a ``BaseHTTPMiddleware`` (``@app.middleware("http")``) is inside: it runs the
+    application in a task of its own, so its body runs on while the decision is made."""
+    return any(isinstance(inner, BaseHTTPMiddleware) for inner in _inner_apps(app))
+
+
+def _warn_of_start_holders(app: ASGIApp) -> None:
+    """Warn of a middleware inside that holds the response start until the first body chunk
+    (``GZipMiddleware``, other compression middlewares by name): the decision would wait for
+    that chunk, and what a streaming body does before it would be committed with the request."""
+    for inner in _inner_apps(app):
+        kind = type(inner).__name__
+        if isinstance(inner, GZipMiddleware) or any(w in kind.lower() for w in _HOLDER_WORDS):
+            warnings.warn(
+                f"{kind} is inside {_OWNER}: it holds the response start until the first "
+                "body chunk, so the commit decision waits for that chunk and what a streaming "
+                f"body does before its first chunk is committed with the request. Add {kind} "
+                f"after {_OWNER} (app.add_middleware({kind}) last) so that it wraps it.",
+                MiddlewareOrderWarning,
+                stacklevel=3,
+            )
+            return
+
+
+def _refuse_duplicates(app: ASGIApp, *, name: str, state_key: str) -> None:
+    """Fail when a DBSessionMiddleware further in uses the same name or state key."""
+    for inner in _inner_apps(app):
         if isinstance(inner, DBSessionMiddleware):
             for label, mine, theirs in (
                 ("state_key", state_key, inner.state_key),
@@ -253,6 +293,3 @@ def _refuse_duplicates(app: ASGIApp, *, name: str, state_key: str) -> None:
                         "add_middleware(DBSessionMiddleware, engine=replica, "
                         "name='replica', state_key='replica_db')."
                     )
-        inner = getattr(inner, "app", None)
-        if inner is None:
-            return
