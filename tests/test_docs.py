@@ -15,13 +15,22 @@ PACKAGE = ROOT / "middleware" / "sessionscope"
 EVENT_NAME = re.compile(r"(db_session|db_pool|db_lifespan)\.[a-z_]+")
 
 
-def test_the_metrics_and_logs_reference_pages_are_generated_from_the_catalogue() -> None:
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "docs" / "_tools" / "reference.py"), "--check"],
+def generator_check(tool: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "docs" / "_tools" / tool), "--check"],
         capture_output=True,
         text=True,
         check=False,
     )
+
+
+def test_the_metrics_and_logs_reference_pages_are_generated_from_the_catalogue() -> None:
+    done = generator_check("reference.py")
+    assert done.returncode == 0, done.stderr
+
+
+def test_the_performance_chart_is_drawn_from_the_benchmark_results() -> None:
+    done = generator_check("performance_chart.py")
     assert done.returncode == 0, done.stderr
 
 
