@@ -19,6 +19,7 @@ import sqlalchemy as sa
 
 from sessionscope.catalogue import CATALOGUE
 
+from .doc_setups import SETUPS, Setup
 from .prom_support import free_port, http_get, stop, wait_until_up
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,23 +90,42 @@ def test_every_feature_row_is_backed_by_a_test_named_in_its_last_column(title: s
 
 
 RUNNABLE = re.compile(
-    r"<!-- runnable(?:: (?P<runner>pytest))? -->\n```python\n(?P<code>.*?)\n```", re.S
+    r"<!-- runnable(?:: (?P<runner>pytest))?(?: with (?P<setup>[a-z A-Z]+))? -->\n"
+    r"```python\n(?P<code>.*?)\n```",
+    re.S,
 )
+PYTHON_BLOCK = re.compile(r"(?P<before>[^\n]*)\n```python\n", re.S)
 
 
 def runnable_examples() -> list[Any]:
     """The fenced Python blocks marked ``<!-- runnable -->`` (run with python) or
-    ``<!-- runnable: pytest -->`` (run as a test module) in the README and docs/."""
+    ``<!-- runnable: pytest -->`` (run as a test module), optionally ``with`` a setup from
+    :mod:`tests.doc_setups`, in the README and docs/."""
     return [
-        pytest.param(match["runner"] or "python", match["code"], id=f"{doc.name}-{n}")
+        pytest.param(
+            match["runner"] or "python",
+            match["code"],
+            SETUPS[match["setup"]] if match["setup"] else Setup(),
+            id=f"{doc.name}-{n}",
+        )
         for doc in DOCUMENTS
         for n, match in enumerate(RUNNABLE.finditer(doc.read_text()), 1)
     ]
 
 
-@pytest.mark.parametrize(("runner", "code"), runnable_examples())
+def test_every_python_block_in_the_readme_and_docs_is_executed() -> None:
+    unmarked = [
+        f"{doc.name}:{doc.read_text()[: match.start()].count(chr(10)) + 2}"
+        for doc in DOCUMENTS
+        for match in PYTHON_BLOCK.finditer(doc.read_text())
+        if not match["before"].startswith(("<!-- runnable", "<!-- quickstart -->"))
+    ]
+    assert unmarked == []
+
+
+@pytest.mark.parametrize(("runner", "code", "setup"), runnable_examples())
 def test_every_runnable_example_in_the_readme_and_docs_runs(
-    runner: str, code: str, tmp_path: Path
+    runner: str, code: str, setup: Setup, tmp_path: Path
 ) -> None:
     if runner == "pytest":
         file = tmp_path / "test_example.py"
@@ -113,10 +133,14 @@ def test_every_runnable_example_in_the_readme_and_docs_runs(
     else:
         file = tmp_path / "example.py"
         command = [sys.executable, str(file)]
-    file.write_text(code + "\n")
+    file.write_text(setup.before + code + "\n" + setup.after)
+    for name, text in setup.files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
     # As a user runs it: outside this test run, its plugins loaded from their entry points.
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
     env["TMPDIR"] = str(tmp_path)
+    env["PYTHONPATH"] = str(tmp_path)
     done = subprocess.run(
         command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False
     )
