@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint format bench load dashboards clean
+.PHONY: install demo test test-fast lint format bench load dashboards docs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,6 +13,12 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+DOCS_STAMP := $(VENV)/.docs-installed
+
+$(DOCS_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[docs]'
+	touch $(DOCS_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m uvicorn demo_app.main:app --host 127.0.0.1 --port 8000
@@ -39,8 +45,13 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# The docs site (Sphinx, MyST, furo), warnings as errors; the reference pages are generated first.
+docs: $(DOCS_STAMP)
+	$(BIN)/python docs/_tools/reference.py
+	$(BIN)/sphinx-build -W --keep-going -q -b html docs build/docs
+
 bench:
 	bash benchmarks/run.sh
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build

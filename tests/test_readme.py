@@ -1,4 +1,5 @@
-"""The README documents every metric, every test it cites exists, and its examples run."""
+"""The README and the docs pages: every metric and event documented, every test they cite
+exists, every example runs, and the README's quick start serves as printed."""
 
 from __future__ import annotations
 
@@ -8,15 +9,28 @@ import os
 import re
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 from sessionscope.catalogue import CATALOGUE
 
+from .doc_setups import SETUPS, Setup
+from .prom_support import free_port, http_get, stop, wait_until_up
+
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
+DOCS = ROOT / "docs"
+DOCUMENTS = [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]
+ALL_TEXT = "\n".join(doc.read_text() for doc in DOCUMENTS)
+
+
+def page(name: str) -> str:
+    return (DOCS / name).read_text()
 
 
 def test_the_readme_starts_with_the_two_commands() -> None:
@@ -25,18 +39,22 @@ def test_the_readme_starts_with_the_two_commands() -> None:
     assert "make test" in first_block
 
 
-def test_every_exported_metric_is_documented_in_the_readme() -> None:
-    missing = [m.exported() for m in CATALOGUE if f"`{m.exported()}`" not in README]
+def test_every_exported_metric_is_explained_on_the_metrics_page() -> None:
+    missing = [m.exported() for m in CATALOGUE if f"`{m.exported()}`" not in page("monitoring.md")]
     assert missing == []
 
 
-def test_every_test_the_readme_cites_exists() -> None:
-    cited = set(re.findall(r"`(test_[a-z0-9_]+)`", README))
+def test_the_readme_is_read_in_five_minutes() -> None:
+    assert len(README.splitlines()) <= 300
+
+
+def test_every_test_the_readme_and_docs_cite_exists() -> None:
+    cited = set(re.findall(r"`(test_[a-z0-9_]+)`", ALL_TEXT))
     sources = "\n".join(p.read_text() for p in (ROOT / "tests").rglob("test_*.py"))
     defined = set(re.findall(r"def (test_[a-z0-9_]+)\(", sources))
     assert cited
     assert sorted(cited - defined) == []
-    paths = set(re.findall(r"`(tests/[^`\s]*)`", README))
+    paths = set(re.findall(r"`(tests/[^`\s]*)`", ALL_TEXT))
     assert paths
     assert sorted(path for path in paths if not (ROOT / path).exists()) == []
 
@@ -44,8 +62,10 @@ def test_every_test_the_readme_cites_exists() -> None:
 FEATURE_TABLES = ("Around the session", "Compared with the alternatives")
 
 
-def section(title: str) -> str:
-    return README.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+def section(title: str, text: str) -> str:
+    """The part of ``text`` under the heading ``title`` (any level), up to the next heading."""
+    body = re.split(rf"\n#+ {re.escape(title)}\n", "\n" + text, maxsplit=1)[1]
+    return re.split(r"\n#+ ", body, maxsplit=1)[0]
 
 
 def table_rows(text: str) -> list[list[str]]:
@@ -56,7 +76,7 @@ def table_rows(text: str) -> list[list[str]]:
 
 @pytest.mark.parametrize("title", FEATURE_TABLES)
 def test_every_feature_row_is_backed_by_a_test_named_in_its_last_column(title: str) -> None:
-    rows = table_rows(section(title))
+    rows = table_rows(section(title, page("comparison.md")))
     assert len(rows) >= 7
     unbacked = [
         row[0]
@@ -70,24 +90,42 @@ def test_every_feature_row_is_backed_by_a_test_named_in_its_last_column(title: s
 
 
 RUNNABLE = re.compile(
-    r"<!-- runnable(?:: (?P<runner>pytest))? -->\n```python\n(?P<code>.*?)\n```", re.S
+    r"<!-- runnable(?:: (?P<runner>pytest))?(?: with (?P<setup>[a-z A-Z]+))? -->\n"
+    r"```python\n(?P<code>.*?)\n```",
+    re.S,
 )
-DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+PYTHON_BLOCK = re.compile(r"(?P<before>[^\n]*)\n```python\n", re.S)
 
 
 def runnable_examples() -> list[Any]:
     """The fenced Python blocks marked ``<!-- runnable -->`` (run with python) or
-    ``<!-- runnable: pytest -->`` (run as a test module) in the README and docs/."""
+    ``<!-- runnable: pytest -->`` (run as a test module), optionally ``with`` a setup from
+    :mod:`tests.doc_setups`, in the README and docs/."""
     return [
-        pytest.param(match["runner"] or "python", match["code"], id=f"{doc.name}-{n}")
+        pytest.param(
+            match["runner"] or "python",
+            match["code"],
+            SETUPS[match["setup"]] if match["setup"] else Setup(),
+            id=f"{doc.name}-{n}",
+        )
         for doc in DOCUMENTS
         for n, match in enumerate(RUNNABLE.finditer(doc.read_text()), 1)
     ]
 
 
-@pytest.mark.parametrize(("runner", "code"), runnable_examples())
+def test_every_python_block_in_the_readme_and_docs_is_executed() -> None:
+    unmarked = [
+        f"{doc.name}:{doc.read_text()[: match.start()].count(chr(10)) + 2}"
+        for doc in DOCUMENTS
+        for match in PYTHON_BLOCK.finditer(doc.read_text())
+        if not match["before"].startswith(("<!-- runnable", "<!-- quickstart -->"))
+    ]
+    assert unmarked == []
+
+
+@pytest.mark.parametrize(("runner", "code", "setup"), runnable_examples())
 def test_every_runnable_example_in_the_readme_and_docs_runs(
-    runner: str, code: str, tmp_path: Path
+    runner: str, code: str, setup: Setup, tmp_path: Path
 ) -> None:
     if runner == "pytest":
         file = tmp_path / "test_example.py"
@@ -95,10 +133,14 @@ def test_every_runnable_example_in_the_readme_and_docs_runs(
     else:
         file = tmp_path / "example.py"
         command = [sys.executable, str(file)]
-    file.write_text(code + "\n")
+    file.write_text(setup.before + code + "\n" + setup.after)
+    for name, text in setup.files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
     # As a user runs it: outside this test run, its plugins loaded from their entry points.
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
     env["TMPDIR"] = str(tmp_path)
+    env["PYTHONPATH"] = str(tmp_path)
     done = subprocess.run(
         command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False
     )
@@ -137,12 +179,12 @@ def logged_event_names() -> set[str]:
     }
 
 
-def test_the_logs_section_has_one_example_of_every_event_the_library_logs() -> None:
+def test_the_logging_page_has_one_example_of_every_event_the_library_logs() -> None:
     logged = logged_event_names()
     assert {"db_session.closed", "db_pool.timeout", "db_lifespan.dispose_failed"} <= logged
     examples = [
         json.loads(line)
-        for block in re.findall(r"```json\n(.*?)```", section("Logs"), re.DOTALL)
+        for block in re.findall(r"```json\n(.*?)```", page("logging.md"), re.DOTALL)
         for line in block.splitlines()
         if line.strip()
     ]
@@ -150,3 +192,50 @@ def test_the_logs_section_has_one_example_of_every_event_the_library_logs() -> N
     assert sorted(logged - set(documented)) == []
     assert sorted(set(documented) - logged) == []  # no example of an event that is gone
     assert len(documented) == len(set(documented))  # one example each
+
+
+def http_post(url: str) -> int:
+    request = urllib.request.Request(url, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_the_quick_start_as_printed_serves_a_commit_and_a_rollback_under_uvicorn(
+    tmp_path: Path,
+) -> None:
+    code = re.search(r"<!-- quickstart -->\n```python\n(.*?)\n```", README, re.S)
+    assert code is not None
+    (tmp_path / "app.py").write_text(code.group(1) + "\n")
+    port = free_port()
+    log = tmp_path / "uvicorn.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    command = [sys.executable, "-m", "uvicorn", "app:app", "--host", "127.0.0.1"]
+    with log.open("wb") as out:
+        server = subprocess.Popen(
+            [*command, "--port", str(port), "--no-access-log"],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_up(f"{base}/metrics/", server, log, timeout=30)
+        assert http_post(f"{base}/items?name=teapot") == 201
+        assert http_post(f"{base}/items?name=draft-kettle") == 422
+        status, metrics = http_get(f"{base}/metrics/")
+        assert status == 200
+    finally:
+        stop(server)
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'app.db'}")
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT name FROM items")).scalars().all() == ["teapot"]
+    engine.dispose()
+    text = metrics.decode()
+    assert 'db_sessions_closed_total{db="default",outcome="commit",route="/items"} 1.0' in text
+    assert 'db_sessions_closed_total{db="default",outcome="rollback",route="/items"} 1.0' in text
+    # Nothing per request: only uvicorn's own start and stop lines.
+    assert "db_session" not in log.read_text()

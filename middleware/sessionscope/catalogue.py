@@ -234,3 +234,104 @@ POOL_METRICS: Final = (
 )
 CATALOGUE: Final = SESSION_METRICS + LEAK_METRICS + POOL_METRICS
 """Every metric sessionscope exports."""
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One log event sessionscope emits."""
+
+    name: str
+    level: Literal["debug", "info", "warning", "error"]
+    """The level it is emitted at (``db_session.closed``: ``closed_log_level``)."""
+    help: str
+    fields: tuple[str, ...]
+    """Its keys besides ``event`` and ``level``."""
+
+
+_REQUEST_FIELDS: Final = ("db", "route", "method", "request_id")
+_ERROR_FIELDS: Final = ("error_type", "driver_error", "sqlstate", "error", "traceback")
+
+EVENTS: Final = (
+    Event(
+        "db_session.closed",
+        "debug",
+        "One per request session, when it closes: how it ended and what it did.",
+        (*_REQUEST_FIELDS, "status", "outcome", "reason", "duration_s", "statements"),
+    ),
+    Event(
+        "db_session.commit_failed",
+        "error",
+        "The commit at response start failed: rolled back, the client gets a complete 500.",
+        (*_REQUEST_FIELDS, "phase", "status", *_ERROR_FIELDS),
+    ),
+    Event(
+        "db_session.cleanup_failed",
+        "error",
+        "A rollback or close failed; the connection is invalidated so it cannot go back to the "
+        "pool in a transaction.",
+        (*_REQUEST_FIELDS, "phase", "status", *_ERROR_FIELDS),
+    ),
+    Event(
+        "db_session.hook_failed",
+        "error",
+        "An after-commit hook raised; the request stays committed.",
+        (*_REQUEST_FIELDS, "hook", *_ERROR_FIELDS),
+    ),
+    Event(
+        "db_session.late_write",
+        "warning",
+        "Writes made after the response started were not committed by the application and "
+        "are rolled back.",
+        (*_REQUEST_FIELDS, "status", "detail"),
+    ),
+    Event(
+        "db_session.use_after_close",
+        "warning",
+        "A request session was used, or first asked for, after its request finished.",
+        ("db", "route", "where"),
+    ),
+    Event(
+        "db_session.pool_timeout",
+        "warning",
+        "No pooled connection within the pool's timeout before the response started: the "
+        "client gets 503 with Retry-After.",
+        (*_REQUEST_FIELDS, "status", "error_type"),
+    ),
+    Event(
+        "db_session.leak_suspected",
+        "warning",
+        "An open request session crossed the leak threshold (reported once per session).",
+        (*_REQUEST_FIELDS, "age_s", "in_transaction", "holds_connection", "stack"),
+    ),
+    Event(
+        "db_session.leak_resolved",
+        "info",
+        "A session reported as a suspected leak was closed.",
+        (*_REQUEST_FIELDS, "held_s"),
+    ),
+    Event(
+        "db_session.gc_unclosed",
+        "warning",
+        "A session_scope() session was garbage-collected without being closed.",
+        ("db", "opened_at", "detail"),
+    ),
+    Event(
+        "db_session.sweep_failed",
+        "error",
+        "The leak sweep raised; it keeps running.",
+        ("error_type", "exception"),
+    ),
+    Event(
+        "db_pool.timeout",
+        "error",
+        "A pool checkout timed out, with the pool's state at that moment.",
+        ("db", "pool_size", "checked_out", "overflow", "pending", "waited_s", "timeout_s"),
+    ),
+    Event(
+        "db_lifespan.dispose_failed",
+        "error",
+        "An engine could not be disposed at shutdown; the other engines still are.",
+        ("database", "error_type", "error"),
+    ),
+)
+"""Every log event sessionscope emits."""
