@@ -179,12 +179,17 @@ def create_schema(connection: sa.Connection) -> None:
     """Create the tables that are missing, one process at a time.
 
     Several workers start at once: each would see the tables missing and run CREATE TABLE, and
-    all but one would fail (``pg_type_typname_nsp_index``). On PostgreSQL a transaction-scoped
-    advisory lock makes them wait for each other; DDL is transactional there, so the next one
-    sees the committed tables and creates nothing.
+    all but one would fail (``pg_type_typname_nsp_index`` on PostgreSQL, ``table ... already
+    exists`` on SQLite). A transaction-scoped advisory lock on PostgreSQL, the write lock on
+    SQLite, makes them wait for each other; DDL is transactional on both, so the next one sees
+    the committed tables and creates nothing.
     """
     if connection.dialect.name == "postgresql":
         connection.execute(sa.select(sa.func.pg_advisory_xact_lock(SCHEMA_LOCK)))
+    elif connection.dialect.name == "sqlite":
+        # The database's write lock, taken before looking at the tables (the driver would only
+        # begin a transaction at the first INSERT); the others wait up to the busy timeout.
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
     Base.metadata.create_all(connection)
 
 

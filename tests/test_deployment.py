@@ -49,8 +49,6 @@ SENT = CREATED + REFUSED + READ + BOOM
 HELD = 6  # GET /slow held open while a worker is killed
 HOLD_SECONDS = 20
 
-pytestmark = pytest.mark.postgres
-
 
 # ------------------------------------------------------------------------------ reading metrics
 
@@ -197,6 +195,7 @@ def send(base: str, requests: list[tuple[str, str, dict[str, object] | None]]) -
             return list(pool.map(one, requests))
 
 
+@pytest.mark.postgres
 @pytest.mark.slow
 def test_three_gunicorn_workers_start_on_an_empty_database_and_metrics_merge_every_worker(
     gunicorn: Server,
@@ -308,15 +307,29 @@ def test_three_gunicorn_workers_start_on_an_empty_database_and_metrics_merge_eve
     )
 
 
-@pytest.mark.parametrize("async_", [False, True], ids=["psycopg", "asyncpg"])
+@pytest.mark.parametrize(
+    "driver",
+    [
+        pytest.param("psycopg", marks=pytest.mark.postgres),
+        pytest.param("asyncpg", marks=pytest.mark.postgres),
+        "pysqlite",
+        "aiosqlite",
+    ],
+)
 def test_three_demo_apps_starting_at_once_on_an_empty_database_create_the_schema_once(
-    async_: bool,
+    driver: str, tmp_path: Path
 ) -> None:
-    url = postgres_url()
-    assert url is not None
-    check = sa.create_engine(driver_url(url, async_=False), poolclass=sa.NullPool)
-    Base.metadata.drop_all(check)
-    apps = [create_app(Settings(database_url=driver_url(url, async_=async_))) for _ in range(3)]
+    if driver in ("pysqlite", "aiosqlite"):
+        database = tmp_path / "demo.db"
+        check = sa.create_engine(f"sqlite:///{database}", poolclass=sa.NullPool)
+        database_url = f"sqlite+{driver}:///{database}"
+    else:
+        url = postgres_url()
+        assert url is not None
+        check = sa.create_engine(driver_url(url, async_=False), poolclass=sa.NullPool)
+        Base.metadata.drop_all(check)
+        database_url = driver_url(url, async_=driver == "asyncpg")
+    apps = [create_app(Settings(database_url=database_url)) for _ in range(3)]
     start = threading.Barrier(len(apps))
     failures: list[BaseException] = []
 
