@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import inspect
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -30,6 +32,7 @@ import sqlalchemy as sa
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
+import demo_app.app
 from demo_app.app import Base, Settings, create_app
 
 from .prom_support import free_port, stop
@@ -357,3 +360,20 @@ def test_three_demo_apps_starting_at_once_on_an_empty_database_create_the_schema
     finally:
         Base.metadata.drop_all(check)
         check.dispose()
+
+
+SAME_AS = re.compile(r"<!-- same as (?P<source>\S+) -->\n```python\n(?P<code>.*?)\n```", re.S)
+
+
+def test_the_deployment_page_shows_the_shipped_configuration_and_code() -> None:
+    page = (ROOT / "docs" / "deployment.md").read_text()
+    shown = {match["source"]: match["code"] for match in SAME_AS.finditer(page)}
+    assert set(shown) == {
+        "demo_app/gunicorn.conf.py",
+        "demo_app/app.py:metrics_app",
+        "demo_app/app.py:create_schema",
+    }
+    assert shown["demo_app/gunicorn.conf.py"] + "\n" == CONF.read_text()
+    for name in ("metrics_app", "create_schema"):
+        source = inspect.getsource(getattr(demo_app.app, name)).rstrip()
+        assert source in shown[f"demo_app/app.py:{name}"]
