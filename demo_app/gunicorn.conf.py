@@ -5,14 +5,16 @@
 
 Every worker writes its metric values to files in ``PROMETHEUS_MULTIPROC_DIR`` and ``/metrics``
 merges the files of all workers (``demo_app.app.metrics_app``). Without the variable this file
-makes a fresh temporary directory: the variable must be set before any worker imports
-prometheus_client, and gunicorn loads this file in the master, before the workers exist.
+makes a fresh temporary directory (removed when gunicorn exits): the variable must be set
+before any worker imports prometheus_client, and gunicorn loads this file in the master,
+before the workers exist.
 Command-line options override what is set here (``-b``, ``-w``).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -25,8 +27,11 @@ worker_class = "uvicorn_worker.UvicornWorker"
 deprecated copy of the same class)."""
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+MADE_HERE_ENV = "DEMO_PROMETHEUS_MULTIPROC_DIR_MADE"
 if not os.environ.get(MULTIPROC_ENV):
-    os.environ[MULTIPROC_ENV] = tempfile.mkdtemp(prefix="prometheus-multiproc-")
+    os.environ[MULTIPROC_ENV] = os.environ[MADE_HERE_ENV] = tempfile.mkdtemp(
+        prefix="prometheus-multiproc-"
+    )
 # The files prometheus_client writes: counter_<pid>.db, gauge_livesum_<pid>.db, histogram_...
 METRIC_FILES = ("counter_*.db", "gauge_*.db", "histogram_*.db", "summary_*.db")
 
@@ -54,3 +59,10 @@ def child_exit(server: Any, worker: Any) -> None:
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server: Any) -> None:
+    """When the master exits: remove the directory this file made, if it made one."""
+    made = os.environ.get(MADE_HERE_ENV)
+    if made and made == os.environ.get(MULTIPROC_ENV):
+        shutil.rmtree(made)
