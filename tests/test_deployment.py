@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import importlib.util
 import inspect
 import os
 import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -24,6 +26,8 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType, SimpleNamespace
+from typing import Any
 
 import anyio
 import httpx
@@ -373,3 +377,84 @@ def test_the_deployment_page_shows_the_shipped_configuration_and_code() -> None:
         source = inspect.getsource(getattr(demo_app.app, name))
         assert any(source in block for block in blocks), f"the demo's {name} is not on the page"
     assert any(f"SCHEMA_LOCK: Final = 0x{demo_app.app.SCHEMA_LOCK:_X}\n" in b for b in blocks)
+
+
+# ------------------------------------------------------------------- the hooks of gunicorn.conf.py
+
+
+def load_conf() -> ModuleType:
+    """``demo_app/gunicorn.conf.py`` executed as gunicorn executes it (a file, not a package)."""
+    spec = importlib.util.spec_from_file_location("demo_gunicorn_conf", CONF)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def no_multiproc_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever the config sets in the environment is undone after the test."""
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    monkeypatch.delenv("DEMO_PROMETHEUS_MULTIPROC_DIR_MADE", raising=False)
+
+
+class Log:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def info(self, message: str, *args: Any) -> None:
+        self.lines.append(message % args)
+
+
+@pytest.mark.usefixtures("no_multiproc_env")
+def test_the_gunicorn_config_empties_a_named_metrics_directory_at_start_and_keeps_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    directory = tmp_path / "metrics"
+    directory.mkdir()
+    stale = ["counter_41.db", "gauge_livesum_41.db", "gauge_livemax_41.db", "histogram_41.db"]
+    for name in [*stale, "README.txt"]:
+        (directory / name).write_bytes(b"")
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(directory))
+    conf = load_conf()
+    server = SimpleNamespace(log=Log())
+    conf.on_starting(server)
+    assert sorted(p.name for p in directory.iterdir()) == ["README.txt"]
+    assert server.log.lines == [
+        f"prometheus multiprocess directory {directory} (4 stale files removed)"
+    ]
+    conf.on_exit(server)
+    assert directory.is_dir()  # the user named it: kept
+
+
+@pytest.mark.usefixtures("no_multiproc_env")
+def test_the_gunicorn_config_makes_a_metrics_directory_when_none_is_named_and_removes_it_at_exit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # tempfile reads TMPDIR again
+    conf = load_conf()
+    made = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+    assert made.parent == tmp_path
+    assert made.is_dir()
+    conf.on_starting(SimpleNamespace(log=Log()))
+    conf.on_exit(SimpleNamespace(log=Log()))
+    assert not made.exists()
+
+
+@pytest.mark.usefixtures("no_multiproc_env")
+def test_the_gunicorn_config_drops_a_dead_workers_live_gauges_and_keeps_its_counters(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    files = ["counter_41.db", "histogram_41.db", "gauge_livesum_41.db", "gauge_livemax_41.db"]
+    files += ["gauge_livesum_42.db"]
+    for name in files:
+        (tmp_path / name).write_bytes(b"")
+    load_conf().child_exit(SimpleNamespace(log=Log()), SimpleNamespace(pid=41))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "counter_41.db",
+        "gauge_livesum_42.db",
+        "histogram_41.db",
+    ]
