@@ -394,9 +394,11 @@ def load_conf() -> ModuleType:
 
 @pytest.fixture
 def no_multiproc_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Whatever the config sets in the environment is undone after the test."""
-    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
-    monkeypatch.delenv("DEMO_PROMETHEUS_MULTIPROC_DIR_MADE", raising=False)
+    """Neither variable is set, and whatever the config sets is undone after the test (setenv
+    first: delenv of an unset variable would not restore it)."""
+    for name in ("PROMETHEUS_MULTIPROC_DIR", "DEMO_PROMETHEUS_MULTIPROC_DIR_MADE"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
 
 
 class Log:
