@@ -266,7 +266,11 @@ def test_three_gunicorn_workers_start_on_an_empty_database_and_metrics_merge_eve
     with ThreadPoolExecutor(HELD) as pool:
         held = [pool.submit(hold) for _ in range(HELD)]
         gunicorn.wait_for(
-            f"{HELD} open sessions", lambda text: value(text, "db_sessions_open") == HELD
+            f"{HELD} open sessions, suspected leaks past the demo's 2 s threshold",
+            lambda text: (
+                value(text, "db_sessions_open") == HELD
+                and value(text, "db_sessions_leak_suspected") == HELD
+            ),
         )
         holding = {
             pid: int(written_by(gunicorn.multiproc_dir, pid, "db_sessions_open")) for pid in workers
@@ -282,7 +286,10 @@ def test_three_gunicorn_workers_start_on_an_empty_database_and_metrics_merge_eve
         # gauges; its counters stay; a new worker replaces it.
         text = gunicorn.wait_for(
             "the dead worker's sessions leave the gauges",
-            lambda text: value(text, "db_sessions_open") == HELD - lost,
+            lambda text: (
+                value(text, "db_sessions_open") == HELD - lost
+                and value(text, "db_sessions_leak_suspected") == HELD - lost
+            ),
         )
         assert value(text, "db_pool_connections", state="used") == HELD - lost
         assert value(text, "db_sessions_closed_total") == SENT
