@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint format bench load dashboards docs clean
+.PHONY: install demo demo-workers test test-fast lint format bench load dashboards docs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ $(DOCS_STAMP): $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m uvicorn demo_app.main:app --host 127.0.0.1 --port 8000
+
+# The demo as deployed: gunicorn, 3 uvicorn workers, one merged /metrics (docs/deployment.md).
+demo-workers: $(STAMP)
+	$(BIN)/gunicorn -c demo_app/gunicorn.conf.py demo_app.main:app
 
 load: $(STAMP)
 	$(BIN)/python -m demo_app.load

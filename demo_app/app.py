@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Final, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -24,10 +24,12 @@ import structlog
 from fastapi import BackgroundTasks, Depends, FastAPI, HTTPException, Query
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CollectorRegistry, make_asgi_app
+from prometheus_client.multiprocess import MultiProcessCollector
 from pydantic import BaseModel, Field
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
+from starlette.types import ASGIApp
 
 from sessionscope import DBSessionMiddleware, SessionClosedError, session_scope
 from sessionscope.fastapi import get_session
@@ -169,12 +171,54 @@ def _sqlite_pragmas(dbapi_connection: Any, connection_record: Any) -> None:
     cursor.close()
 
 
+SCHEMA_LOCK: Final = 0x5E55_1015_C0DE
+"""The PostgreSQL advisory lock the workers take in turn to create the demo's tables."""
+
+
+def create_schema(connection: sa.Connection) -> None:
+    """Create the tables that are missing, one process at a time.
+
+    Several workers start at once: each would see the tables missing and run CREATE TABLE, and
+    all but one would fail (``pg_type_typname_nsp_index`` on PostgreSQL, ``table ... already
+    exists`` on SQLite). A transaction-scoped advisory lock on PostgreSQL, the write lock on
+    SQLite, makes them wait for each other; DDL is transactional on both, so the next one sees
+    the committed tables and creates nothing.
+    """
+    if connection.dialect.name == "postgresql":
+        connection.execute(sa.select(sa.func.pg_advisory_xact_lock(SCHEMA_LOCK)))
+    elif connection.dialect.name == "sqlite":
+        # The database's write lock, taken before looking at the tables (the driver would only
+        # begin a transaction at the first INSERT); the others wait up to the busy timeout.
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+    Base.metadata.create_all(connection)
+
+
 async def create_tables(engine: Engine | AsyncEngine) -> None:
+    """:func:`create_schema` in one transaction (committed when it returns)."""
     if isinstance(engine, AsyncEngine):
         async with engine.begin() as conn:
-            await conn.run_sync(Base.metadata.create_all)
+            await conn.run_sync(create_schema)
     else:
-        await anyio.to_thread.run_sync(Base.metadata.create_all, engine)
+
+        def create() -> None:
+            with engine.begin() as conn:
+                create_schema(conn)
+
+        await anyio.to_thread.run_sync(create)
+
+
+def metrics_app(registry: CollectorRegistry) -> ASGIApp:
+    """The Prometheus exposition: of ``registry``, or, when ``PROMETHEUS_MULTIPROC_DIR`` is set
+    (several worker processes), of every worker's metrics merged from that directory.
+
+    The merging registry is a fresh one with only a ``MultiProcessCollector``: the metrics
+    themselves are written to the directory by each worker, whatever registry they are in.
+    """
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged)
+        return make_asgi_app(registry=merged)
+    return make_asgi_app(registry=registry)
 
 
 async def run(session: AnySession, fn: Callable[[Session], T]) -> T:
@@ -282,7 +326,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         closed_log_level=settings.closed_log_level,
         **settings.extra,
     )
-    app.mount("/metrics", make_asgi_app(registry=registry))
+    app.mount("/metrics", metrics_app(registry))
     _document_the_metrics_mount(app)
 
     # -- commit ----------------------------------------------------------------------------

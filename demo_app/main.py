@@ -3,7 +3,8 @@
 Run it with ``make demo`` (http://127.0.0.1:8000/docs), then ``python -m demo_app.load`` for
 traffic. ``DATABASE_URL`` switches the database (default ``sqlite:///demo.db``; e.g.
 ``postgresql+psycopg://user@host/db`` or ``postgresql+asyncpg://user@host/db``);
-``DEMO_LEAK_THRESHOLD`` sets the leak threshold in seconds (default 2).
+``DEMO_LEAK_THRESHOLD`` sets the leak threshold in seconds (default 2). With several workers:
+``make demo-workers`` (gunicorn with ``demo_app/gunicorn.conf.py``; see docs/deployment.md).
 """
 
 from __future__ import annotations

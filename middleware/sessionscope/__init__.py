@@ -30,3 +30,16 @@ __all__ = [
     "on_commit",
     "session_scope",
 ]
+
+
+def __getattr__(name: str) -> str:
+    """``sessionscope.__version__``: the installed distribution's version, read from its
+    metadata when asked (``pyproject.toml`` is the one place it is written)."""
+    if name != "__version__":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sessionscope")
+    except PackageNotFoundError:  # imported from a source tree that was never installed
+        return "0+unknown"
