@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
+
+import yaml
 
 from sessionscope import catalogue as cat
 
@@ -1166,50 +1167,15 @@ def alert_tests_document(
 
 # -------------------------------------------------------------------------------------- YAML
 
-_PLAIN = re.compile(r"^[A-Za-z_][A-Za-z0-9_./ -]*$")
 
-
-def _scalar(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return json.dumps(value)
-    text = str(value)
-    if _PLAIN.match(text) and text not in ("true", "false", "null", "yes", "no", "on", "off"):
-        return text
-    if "'" not in text and "\n" not in text:
-        return f"'{text}'"  # single-quoted: nothing inside needs escaping
-    return json.dumps(text)  # a JSON string is a valid YAML double-quoted scalar
-
-
-def to_yaml(value: Any, indent: int = 0) -> str:
-    """A small YAML emitter for dicts, lists and scalars (enough for rule files)."""
-    pad = "  " * indent
-    lines: list[str] = []
-    if isinstance(value, dict):
-        if not value:
-            return pad + "{}"
-        for k, v in value.items():
-            if isinstance(v, dict | list) and v:
-                lines.append(f"{pad}{k}:")
-                lines.append(to_yaml(v, indent + 1 if isinstance(v, dict) else indent))
-            elif isinstance(v, list):
-                lines.append(f"{pad}{k}: []")
-            elif isinstance(v, dict):
-                lines.append(f"{pad}{k}: {{}}")
-            else:
-                lines.append(f"{pad}{k}: {_scalar(v)}")
-    elif isinstance(value, list):
-        for item in value:
-            if isinstance(item, dict) and item:
-                body = to_yaml(item, indent + 1).splitlines()
-                lines.append(f"{pad}- {body[0].lstrip()}")
-                lines.extend(body[1:])
-            else:
-                lines.append(f"{pad}- {_scalar(item)}")
-    else:
-        lines.append(pad + _scalar(value))
-    return "\n".join(lines)
+def to_yaml(value: Any) -> str:
+    """``value`` as YAML that ``yaml.safe_load`` reads back as ``value``: PyYAML quotes every
+    string that would otherwise read as a boolean, a number or null (``No``, ``Off``, ``NULL``).
+    Keys keep the order the generator built them in; long expressions stay on one line."""
+    text: str = yaml.safe_dump(
+        value, sort_keys=False, default_flow_style=False, allow_unicode=True, width=1_000_000
+    )
+    return text
 
 
 HEADER: Final = (
@@ -1222,11 +1188,10 @@ def render(ns: str = cat.DEFAULT_NAMESPACE, base: str = RUNBOOK_BASE) -> dict[Pa
     """Every generated file and its content."""
     return {
         DASHBOARD_FILE: json.dumps(dashboard(ns), indent=2) + "\n",
-        ALERTS_FILE: HEADER + to_yaml(alert_rules_document(ns, base)) + "\n",
+        ALERTS_FILE: HEADER + to_yaml(alert_rules_document(ns, base)),
         ALERTS_TEST_FILE: HEADER
         + "# Run: promtool test rules dashboards/prometheus/alerts_test.yml\n"
-        + to_yaml(alert_tests_document(ns, base))
-        + "\n",
+        + to_yaml(alert_tests_document(ns, base)),
     }
 
 
