@@ -9,7 +9,7 @@ Writes ``grafana/sessionscope.json`` (the "Session leaks & pool health" dashboar
 one). Every metric name, unit and help text comes from ``sessionscope.catalogue``, the table the
 library creates its metrics from. The dashboard is built with Grafana's own typed builders
 (``grafana-foundation-sdk``, which also lays the panels out in rows); the rule files are written
-with ``yaml.safe_dump``. Both are in the ``dev`` extra.
+with PyYAML's safe dumper. Both are in the ``dev`` extra.
 """
 
 from __future__ import annotations
@@ -52,8 +52,9 @@ DASHBOARD_FILE: Final = HERE / "grafana" / "sessionscope.json"
 ALERTS_FILE: Final = HERE / "prometheus" / "alerts.yml"
 ALERTS_TEST_FILE: Final = HERE / "prometheus" / "alerts_test.yml"
 
-RUNBOOK_BASE: Final = "https://github.com/sessionscope/sessionscope/blob/main/dashboards/README.md"
-"""Where ``dashboards/README.md`` is published; each alert links to its section there."""
+RUNBOOK_BASE: Final = "docs/alerts.md"
+"""Each alert's ``runbook_url`` is its section of the runbook, as a path in the repository
+(the project has no published docs site). ``--runbook-base`` points it at your own copy."""
 DASHBOARD_UID: Final = "sessionscope-health"
 RATE: Final = "$__rate_interval"
 DASHBOARD_SELECTOR: Final = 'job=~"$job", instance=~"$instance", db=~"$db"'
@@ -779,6 +780,9 @@ class Case:
     eval_time: str
     fires: Sequence[tuple[dict[str, str], str]] = ()
     """(extra labels, rendered summary) of each alert expected; empty: must stay silent."""
+    also: Sequence[tuple[str, bool]] = ()
+    """More (eval_time, fires) checks on the same series: at each, the alerts of ``fires``
+    are firing (``True``) or nothing is (``False``: not firing yet, or resolved)."""
 
 
 @dataclass(frozen=True)
@@ -793,6 +797,9 @@ class Alert:
     """The alert's grouping labels (those its expression keeps)."""
     bad: Case
     healthy: Case
+    lifecycle: Case | None = None
+    """A case that checks the alert at several times: pending (not firing yet), firing and
+    resolved."""
 
     @property
     def anchor(self) -> str:
@@ -864,6 +871,13 @@ def alerts(ns: str = cat.DEFAULT_NAMESPACE) -> list[Alert]:
                 [({}, f"2 request session(s) open longer than the leak threshold {at}")],
             ),
             Case({s(cat.SESSIONS_LEAK_SUSPECTED): "0 0 2 2 0x20"}, "10m"),
+            # Over the threshold from 2m to 10m: pending until 7m, firing 7m-10m, resolved at 11m.
+            lifecycle=Case(
+                {s(cat.SESSIONS_LEAK_SUSPECTED): "0 0 2x8 0x10"},
+                "7m",
+                [({}, f"2 request session(s) open longer than the leak threshold {at}")],
+                also=(("6m", False), ("10m", True), ("12m", False)),
+            ),
         ),
         Alert(
             "DbSessionVeryOld",
@@ -1176,12 +1190,25 @@ def alert_rules_document(
     }
 
 
+def _minutes(duration: str) -> float:
+    """``"90m"`` or ``"2h"`` -> minutes (the eval_time forms the cases use)."""
+    return float(duration[:-1]) * {"m": 1, "h": 60}[duration[-1]]
+
+
 def alert_tests_document(
     ns: str = cat.DEFAULT_NAMESPACE, base: str = RUNBOOK_BASE
 ) -> dict[str, Any]:
     tests = []
     for a in alerts(ns):
-        for verdict, case in (("fires on", a.bad), ("stays silent on", a.healthy)):
+        cases = [
+            (f"{a.name} fires on a bad series", a.bad),
+            (f"{a.name} stays silent on a healthy series", a.healthy),
+        ]
+        if a.lifecycle is not None:
+            cases.append(
+                (f"{a.name} goes pending, fires after for: {a.for_}, then resolves", a.lifecycle)
+            )
+        for name, case in cases:
             exp = []
             for extra, summary in case.fires:
                 labels = {k: TEST_LABELS[k] for k in a.labels if k in TEST_LABELS}
@@ -1195,13 +1222,15 @@ def alert_tests_document(
                         },
                     }
                 )
+            checks = [(case.eval_time, True), *case.also]
             tests.append(
                 {
-                    "name": f"{a.name} {verdict} {'a bad' if case.fires else 'a healthy'} series",
+                    "name": name,
                     "interval": "1m",
                     "input_series": [{"series": k, "values": v} for k, v in case.series.items()],
                     "alert_rule_test": [
-                        {"eval_time": case.eval_time, "alertname": a.name, "exp_alerts": exp}
+                        {"eval_time": t, "alertname": a.name, "exp_alerts": exp if fires else []}
+                        for t, fires in sorted(checks, key=lambda c: _minutes(c[0]))
                     ],
                 }
             )
@@ -1215,10 +1244,22 @@ def to_yaml(value: Any) -> str:
     """``value`` as YAML that ``yaml.safe_load`` reads back as ``value``: PyYAML quotes every
     string that would otherwise read as a boolean, a number or null (``No``, ``Off``, ``NULL``).
     Keys keep the order the generator built them in; long expressions stay on one line."""
-    text: str = yaml.safe_dump(
-        value, sort_keys=False, default_flow_style=False, allow_unicode=True, width=1_000_000
+    text: str = yaml.dump(
+        value,
+        Dumper=_Dumper,
+        sort_keys=False,
+        default_flow_style=False,
+        allow_unicode=True,
+        width=1_000_000,
     )
     return text
+
+
+class _Dumper(yaml.SafeDumper):
+    """``yaml.safe_dump``'s dumper, writing a value used twice twice (no ``&id001`` anchors)."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
 
 
 HEADER: Final = (
