@@ -23,27 +23,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-import yaml
-from grafana_foundation_sdk.cog.encoder import JSONEncoder
+try:
+    import yaml
+    from grafana_foundation_sdk.cog.encoder import JSONEncoder
 
-with warnings.catch_warnings():
-    # The SDK prefers its v2 dashboard schema, which only Grafana 12's new API takes; file
-    # provisioning (and the Grafana of compose.yaml) reads the classic JSON model built here.
-    warnings.simplefilter("ignore", DeprecationWarning)
-    from grafana_foundation_sdk.builders import (
-        common,
-        gauge,
-        heatmap,
-        prometheus,
-        stat,
-        table,
-        timeseries,
-    )
-    from grafana_foundation_sdk.builders import dashboard as dashboard_
-    from grafana_foundation_sdk.models import common as cm
-    from grafana_foundation_sdk.models import dashboard as dm
-    from grafana_foundation_sdk.models import heatmap as hm
-    from grafana_foundation_sdk.models import prometheus as pm
+    with warnings.catch_warnings():
+        # The SDK prefers its v2 dashboard schema, which only Grafana 12's new API takes; file
+        # provisioning (and the Grafana of compose.yaml) reads the classic JSON model built here.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from grafana_foundation_sdk.builders import (
+            common,
+            gauge,
+            heatmap,
+            prometheus,
+            stat,
+            table,
+            timeseries,
+        )
+        from grafana_foundation_sdk.builders import dashboard as dashboard_
+        from grafana_foundation_sdk.models import common as cm
+        from grafana_foundation_sdk.models import dashboard as dm
+        from grafana_foundation_sdk.models import heatmap as hm
+        from grafana_foundation_sdk.models import prometheus as pm
+except ModuleNotFoundError as exc:  # run outside the venv that `make install` builds
+    raise SystemExit(
+        f"dashboards/generate.py needs {exc.name}: install the dev extra "
+        "(make install, or pip install -e '.[dev]')"
+    ) from exc
 
 from sessionscope import catalogue as cat
 
