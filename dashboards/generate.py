@@ -6,20 +6,50 @@
 Writes ``grafana/sessionscope.json`` (the "Session leaks & pool health" dashboard),
 ``prometheus/alerts.yml`` (recording and alert rules) and ``prometheus/alerts_test.yml``
 (``promtool test rules`` cases: each alert fires on a bad series and stays silent on a healthy
-one). Only the standard library and ``sessionscope.catalogue`` are used, so every metric name,
-unit and help text comes from the table the library creates its metrics from.
+one). Every metric name, unit and help text comes from ``sessionscope.catalogue``, the table the
+library creates its metrics from. The dashboard is built with Grafana's own typed builders
+(``grafana-foundation-sdk``, which also lays the panels out in rows); the rule files are written
+with PyYAML's safe dumper. Both are in the ``dev`` extra.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
-from collections.abc import Iterable, Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
+
+try:
+    import yaml
+    from grafana_foundation_sdk.cog.encoder import JSONEncoder
+
+    with warnings.catch_warnings():
+        # The SDK prefers its v2 dashboard schema, which only Grafana 12's new API takes; file
+        # provisioning (and the Grafana of compose.yaml) reads the classic JSON model built here.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from grafana_foundation_sdk.builders import (
+            common,
+            gauge,
+            heatmap,
+            prometheus,
+            stat,
+            table,
+            timeseries,
+        )
+        from grafana_foundation_sdk.builders import dashboard as dashboard_
+        from grafana_foundation_sdk.models import common as cm
+        from grafana_foundation_sdk.models import dashboard as dm
+        from grafana_foundation_sdk.models import heatmap as hm
+        from grafana_foundation_sdk.models import prometheus as pm
+except ModuleNotFoundError as exc:  # run outside the venv that `make install` builds
+    raise SystemExit(
+        f"dashboards/generate.py needs {exc.name}: install the dev extra "
+        "(make install, or pip install -e '.[dev]')"
+    ) from exc
 
 from sessionscope import catalogue as cat
 
@@ -28,12 +58,12 @@ DASHBOARD_FILE: Final = HERE / "grafana" / "sessionscope.json"
 ALERTS_FILE: Final = HERE / "prometheus" / "alerts.yml"
 ALERTS_TEST_FILE: Final = HERE / "prometheus" / "alerts_test.yml"
 
-RUNBOOK_BASE: Final = "https://github.com/sessionscope/sessionscope/blob/main/dashboards/README.md"
-"""Where ``dashboards/README.md`` is published; each alert links to its section there."""
+RUNBOOK_BASE: Final = "docs/alerts.md"
+"""Each alert's ``runbook_url`` is its section of the runbook, as a path in the repository
+(the project has no published docs site). ``--runbook-base`` points it at your own copy."""
 DASHBOARD_UID: Final = "sessionscope-health"
 RATE: Final = "$__rate_interval"
 DASHBOARD_SELECTOR: Final = 'job=~"$job", instance=~"$instance", db=~"$db"'
-DATASOURCE: Final = {"type": "prometheus", "uid": "${datasource}"}
 
 
 # ------------------------------------------------------------------------------------ PromQL
@@ -92,7 +122,8 @@ class Panel:
     """Legends of series drawn as dashed lines (limits, thresholds)."""
     right_axis: dict[str, str] = field(default_factory=dict)
     """Legend -> unit of series on a right-hand axis."""
-    options: dict[str, Any] = field(default_factory=dict)
+    limits: tuple[float, float] | None = None
+    """(min, max) of the axis or gauge."""
 
 
 @dataclass
@@ -138,7 +169,7 @@ def dashboard_rows(ns: str = cat.DEFAULT_NAMESPACE) -> list[Row]:
                     width=4,
                     height=4,
                     thresholds=((None, "green"), (0.7, "orange"), (0.9, "red")),
-                    options={"min": 0, "max": 1},
+                    limits=(0, 1),
                 ),
                 Panel(
                     "Waiting for a connection",
@@ -524,203 +555,223 @@ def dashboard_rows(ns: str = cat.DEFAULT_NAMESPACE) -> list[Row]:
     ]
 
 
-def _thresholds(steps: Iterable[tuple[float | None, str]]) -> dict[str, Any]:
-    return {"mode": "absolute", "steps": [{"color": c, "value": v} for v, c in steps]}
+def _datasource() -> dm.DataSourceRef:
+    return dm.DataSourceRef(type_val="prometheus", uid="${datasource}")
 
 
-def _panel_json(panel: Panel, pid: int, x: int, y: int) -> dict[str, Any]:
-    targets = []
-    for i, t in enumerate(panel.targets):
-        target: dict[str, Any] = {
-            "datasource": DATASOURCE,
-            "expr": t.expr,
-            "legendFormat": t.legend,
-            "refId": chr(ord("A") + i),
-        }
-        if t.instant or panel.kind in ("stat", "gauge", "table"):
-            target["instant"] = t.instant or panel.kind == "table"
-            target["range"] = not target["instant"]
-        if t.heatmap:
-            target["format"] = "heatmap"
-        if panel.kind == "table":
-            target["format"] = "table"
-        targets.append(target)
-    defaults: dict[str, Any] = {
-        "unit": panel.unit,
-        "thresholds": _thresholds(panel.thresholds),
-        "color": {"mode": "thresholds" if panel.kind in ("stat", "gauge") else "palette-classic"},
-    }
-    for key in ("min", "max"):
-        if key in panel.options:
-            defaults[key] = panel.options[key]
-    overrides: list[dict[str, Any]] = []
-    options: dict[str, Any] = {}
-    kind = panel.kind
-    if kind in ("timeseries", "bars"):
-        defaults["custom"] = {
-            "drawStyle": "bars" if kind == "bars" else "line",
-            "lineWidth": 1,
-            "fillOpacity": 60 if kind == "bars" else (30 if panel.stacked else 10),
-            "showPoints": "never",
-            "stacking": {"mode": "normal" if panel.stacked else "none", "group": "A"},
-            "axisSoftMin": 0,
-        }
-        options = {
-            "legend": {"displayMode": "list", "placement": "bottom", "showLegend": True},
-            "tooltip": {"mode": "multi", "sort": "desc"},
-        }
-        for legend in panel.dashed:
-            overrides.append(
-                {
-                    "matcher": {"id": "byName", "options": legend},
-                    "properties": [
-                        {"id": "custom.lineStyle", "value": {"fill": "dash", "dash": [10, 10]}},
-                        {"id": "custom.fillOpacity", "value": 0},
-                        {"id": "custom.stacking", "value": {"mode": "none", "group": "A"}},
-                        {"id": "color", "value": {"mode": "fixed", "fixedColor": "red"}},
-                    ],
-                }
-            )
-        for legend, unit in panel.right_axis.items():
-            overrides.append(
-                {
-                    "matcher": {"id": "byName", "options": legend},
-                    "properties": [
-                        {"id": "custom.axisPlacement", "value": "right"},
-                        {"id": "unit", "value": unit},
-                    ],
-                }
-            )
-        kind = "timeseries"
-    elif kind in ("stat", "gauge"):
-        options = {
-            "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
-            "colorMode": "background" if kind == "stat" else "value",
-            "graphMode": "area",
-            "textMode": "value",
-        }
-    elif kind == "heatmap":
-        options = {
-            "calculate": False,
-            "cellGap": 1,
-            "color": {"mode": "scheme", "scheme": "Oranges", "steps": 64},
-            "yAxis": {"unit": panel.unit},
-            "rowsFrame": {"layout": "auto"},
-            "tooltip": {"show": True, "yHistogram": True},
-        }
-    elif kind == "table":
-        options = {"showHeader": True, "sortBy": [{"displayName": "Value", "desc": True}]}
-        overrides.append(
-            {
-                "matcher": {"id": "byName", "options": "Time"},
-                "properties": [{"id": "custom.hidden", "value": True}],
-            }
+def _query(panel: Panel, target: Target, ref_id: str) -> prometheus.Dataquery:
+    query = (
+        prometheus.Dataquery()
+        .datasource(_datasource())
+        .expr(target.expr)
+        .legend_format(target.legend)
+        .ref_id(ref_id)
+    )
+    if target.instant or panel.kind == "table":
+        query = query.instant()
+    elif panel.kind in ("stat", "gauge"):
+        query = query.range()
+    if target.heatmap:
+        query = query.format(pm.PromQueryFormat.HEATMAP)
+    if panel.kind == "table":
+        query = query.format(pm.PromQueryFormat.TABLE)
+    return query
+
+
+PanelBuilder = timeseries.Panel | stat.Panel | gauge.Panel | heatmap.Panel | table.Panel
+
+
+def _timeseries(panel: Panel) -> timeseries.Panel:
+    bars = panel.kind == "bars"
+    built = (
+        timeseries.Panel()
+        .draw_style(cm.GraphDrawStyle.BARS if bars else cm.GraphDrawStyle.LINE)
+        .line_width(1)
+        .fill_opacity(60 if bars else (30 if panel.stacked else 10))
+        .show_points(cm.VisibilityMode.NEVER)
+        .stacking(
+            common.StackingConfig()
+            .mode(cm.StackingMode.NORMAL if panel.stacked else cm.StackingMode.NONE)
+            .group("A")
         )
-    return {
-        "id": pid,
-        "type": kind,
-        "title": panel.title,
-        "description": panel.description,
-        "datasource": DATASOURCE,
-        "gridPos": {"h": panel.height, "w": panel.width, "x": x, "y": y},
-        "fieldConfig": {"defaults": defaults, "overrides": overrides},
-        "options": options,
-        "targets": targets,
-    }
+        .axis_soft_min(0)
+        .legend(
+            common.VizLegendOptions()
+            .display_mode(cm.LegendDisplayMode.LIST)
+            .placement(cm.LegendPlacement.BOTTOM)
+            .show_legend(True)
+        )
+        .tooltip(
+            common.VizTooltipOptions()
+            .mode(cm.TooltipDisplayMode.MULTI)
+            .sort(cm.SortOrder.DESCENDING)
+        )
+    )
+    for legend in panel.dashed:  # limits and thresholds: dashed red lines, never stacked
+        built = built.override_by_name(
+            legend,
+            [
+                dm.DynamicConfigValue("custom.lineStyle", cm.LineStyle(fill="dash", dash=[10, 10])),
+                dm.DynamicConfigValue("custom.fillOpacity", 0),
+                dm.DynamicConfigValue(
+                    "custom.stacking", cm.StackingConfig(mode=cm.StackingMode.NONE, group="A")
+                ),
+                dm.DynamicConfigValue(
+                    "color", dm.FieldColor(mode=dm.FieldColorModeId.FIXED, fixed_color="red")
+                ),
+            ],
+        )
+    for legend, unit in panel.right_axis.items():
+        built = built.override_by_name(
+            legend,
+            [
+                dm.DynamicConfigValue("custom.axisPlacement", cm.AxisPlacement.RIGHT),
+                dm.DynamicConfigValue("unit", unit),
+            ],
+        )
+    return built
 
 
-def _variable(name: str, label: str, query: str) -> dict[str, Any]:
-    return {
-        "name": name,
-        "label": label,
-        "type": "query",
-        "datasource": DATASOURCE,
-        "query": {"query": query, "refId": f"{name}-variable"},
-        "definition": query,
-        "refresh": 2,
-        "multi": True,
-        "includeAll": True,
-        "allValue": ".+",
-        "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
-        "sort": 1,
-        "hide": 0,
-        "options": [],
-        "regex": "",
-    }
+def _stat(panel: Panel) -> stat.Panel:
+    return (
+        stat.Panel()
+        .reduce_options(common.ReduceDataOptions().calcs(["lastNotNull"]).fields("").values(False))
+        .color_mode(cm.BigValueColorMode.BACKGROUND)
+        .graph_mode(cm.BigValueGraphMode.AREA)
+        .text_mode(cm.BigValueTextMode.VALUE)
+    )
+
+
+def _gauge(panel: Panel) -> gauge.Panel:
+    built = gauge.Panel().reduce_options(
+        common.ReduceDataOptions().calcs(["lastNotNull"]).fields("").values(False)
+    )
+    if panel.limits is not None:
+        built = built.min(panel.limits[0]).max(panel.limits[1])
+    return built
+
+
+def _heatmap(panel: Panel) -> heatmap.Panel:
+    return (
+        heatmap.Panel()
+        .calculate(False)
+        .cell_gap(1)
+        .color(
+            heatmap.HeatmapColorOptions()
+            .mode(hm.HeatmapColorMode.SCHEME)
+            .scheme("Oranges")
+            .steps(64)
+        )
+        .y_axis(heatmap.YAxisConfig().unit(panel.unit))
+        .rows_frame(heatmap.RowsHeatmapOptions().layout(cm.HeatmapCellLayout.AUTO))
+        .tooltip(heatmap.HeatmapTooltip().mode(cm.TooltipDisplayMode.SINGLE).y_histogram(True))
+    )
+
+
+def _table(panel: Panel) -> table.Panel:
+    return (
+        table.Panel()
+        .show_header(True)
+        .sort_by([common.TableSortByFieldState().display_name("Value").desc(True)])
+        .override_by_name("Time", [dm.DynamicConfigValue("custom.hidden", True)])
+    )
+
+
+KINDS: Final[dict[str, Callable[[Panel], PanelBuilder]]] = {
+    "timeseries": _timeseries,
+    "bars": _timeseries,
+    "stat": _stat,
+    "gauge": _gauge,
+    "heatmap": _heatmap,
+    "table": _table,
+}
+
+
+def _panel(panel: Panel, pid: int) -> PanelBuilder:
+    """The SDK builder of ``panel``: its visualisation, then what every panel has."""
+    built = KINDS[panel.kind](panel)
+    for i, target in enumerate(panel.targets):
+        built = built.with_target(_query(panel, target, chr(ord("A") + i)))
+    color = "thresholds" if panel.kind in ("stat", "gauge") else "palette-classic"
+    return (
+        built.id(pid)
+        .title(panel.title)
+        .description(panel.description)
+        .datasource(_datasource())
+        .span(panel.width)
+        .height(panel.height)
+        .unit(panel.unit)
+        .thresholds(
+            dashboard_.ThresholdsConfig()
+            .mode(dm.ThresholdsMode.ABSOLUTE)
+            .steps([dm.Threshold(value=v, color=c) for v, c in panel.thresholds])
+        )
+        .color_scheme(dashboard_.FieldColor().mode(dm.FieldColorModeId(color)))
+    )
+
+
+def _variable(name: str, label: str, query: str) -> dashboard_.QueryVariable:
+    return (
+        dashboard_.QueryVariable(name)
+        .label(label)
+        .datasource(_datasource())
+        .query({"query": query, "refId": f"{name}-variable"})
+        .definition(query)
+        .refresh(dm.VariableRefresh.ON_TIME_RANGE_CHANGED)
+        .multi(True)
+        .include_all(True)
+        .all_value(".+")
+        .current(dm.VariableOption(selected=True, text=["All"], value=["$__all"]))
+        .sort(dm.VariableSort.ALPHABETICAL_ASC)
+    )
+
+
+def dashboard_builder(ns: str = cat.DEFAULT_NAMESPACE) -> dashboard_.Dashboard:
+    """The dashboard, built with grafana-foundation-sdk (which lays the panels out in rows)."""
+    anchor = cat.SESSIONS_OPEN.exported(ns)
+    built = (
+        dashboard_.Dashboard("Session leaks & pool health")
+        .uid(DASHBOARD_UID)
+        .description(
+            "sessionscope: request sessions, leaks, the connection pool and statements per "
+            "request. Every panel's description says what a bad value means."
+        )
+        .tags(["sessionscope", "sqlalchemy", "database"])
+        .readonly()
+        .tooltip(dm.DashboardCursorSync.CROSSHAIR)
+        .version(1)
+        .time("now-1h", "now")
+        .refresh("30s")
+        .timezone("browser")
+        .with_variable(
+            dashboard_.DatasourceVariable("datasource").label("Data source").type("prometheus")
+        )
+        .with_variable(_variable("job", "Job", f"label_values({anchor}, job)"))
+        .with_variable(
+            _variable("instance", "Instance", f'label_values({anchor}{{job=~"$job"}}, instance)')
+        )
+        .with_variable(
+            _variable(
+                "db",
+                "Database",
+                f'label_values({anchor}{{job=~"$job", instance=~"$instance"}}, db)',
+            )
+        )
+    )
+    pid = 1
+    for row in dashboard_rows(ns):
+        built = built.with_row(dashboard_.Row(row.title).id(pid))
+        pid += 1
+        for panel in row.panels:
+            built = built.with_panel(_panel(panel, pid))
+            pid += 1
+    return built
 
 
 def dashboard(ns: str = cat.DEFAULT_NAMESPACE) -> dict[str, Any]:
-    """The dashboard as Grafana's JSON model."""
-    anchor = cat.SESSIONS_OPEN.exported(ns)
-    panels: list[dict[str, Any]] = []
-    pid = 1
-    y = 0
-    for row in dashboard_rows(ns):
-        panels.append(
-            {
-                "id": pid,
-                "type": "row",
-                "title": row.title,
-                "collapsed": False,
-                "gridPos": {"h": 1, "w": 24, "x": 0, "y": y},
-                "panels": [],
-            }
-        )
-        pid += 1
-        y += 1
-        x = 0
-        line_height = 0
-        for panel in row.panels:
-            if x + panel.width > 24:
-                x, y, line_height = 0, y + line_height, 0
-            panels.append(_panel_json(panel, pid, x, y))
-            pid += 1
-            x += panel.width
-            line_height = max(line_height, panel.height)
-        y += line_height
-    return {
-        "__comment": "Generated by dashboards/generate.py from sessionscope's metric catalogue; "
-        "do not edit by hand.",
-        "uid": DASHBOARD_UID,
-        "title": "Session leaks & pool health",
-        "description": "sessionscope: request sessions, leaks, the connection pool and "
-        "statements per request. Every panel's description says what a bad value means.",
-        "tags": ["sessionscope", "sqlalchemy", "database"],
-        "editable": False,
-        "graphTooltip": 1,
-        "schemaVersion": 39,
-        "version": 1,
-        "time": {"from": "now-1h", "to": "now"},
-        "refresh": "30s",
-        "timezone": "browser",
-        "links": [],
-        "annotations": {"list": []},
-        "templating": {
-            "list": [
-                {
-                    "name": "datasource",
-                    "label": "Data source",
-                    "type": "datasource",
-                    "query": "prometheus",
-                    "current": {},
-                    "hide": 0,
-                    "refresh": 1,
-                    "regex": "",
-                    "options": [],
-                },
-                _variable("job", "Job", f"label_values({anchor}, job)"),
-                _variable(
-                    "instance", "Instance", f'label_values({anchor}{{job=~"$job"}}, instance)'
-                ),
-                _variable(
-                    "db",
-                    "Database",
-                    f'label_values({anchor}{{job=~"$job", instance=~"$instance"}}, db)',
-                ),
-            ]
-        },
-        "panels": panels,
-    }
+    """The dashboard as Grafana's JSON model (what ``grafana/sessionscope.json`` holds)."""
+    model: dict[str, Any] = json.loads(JSONEncoder().encode(dashboard_builder(ns).build()))
+    return {"__comment": HEADER.lstrip("# ").rstrip(), **model}
 
 
 # ------------------------------------------------------------------------------------ alerts
@@ -735,6 +786,9 @@ class Case:
     eval_time: str
     fires: Sequence[tuple[dict[str, str], str]] = ()
     """(extra labels, rendered summary) of each alert expected; empty: must stay silent."""
+    also: Sequence[tuple[str, bool]] = ()
+    """More (eval_time, fires) checks on the same series: at each, the alerts of ``fires``
+    are firing (``True``) or nothing is (``False``: not firing yet, or resolved)."""
 
 
 @dataclass(frozen=True)
@@ -749,6 +803,9 @@ class Alert:
     """The alert's grouping labels (those its expression keeps)."""
     bad: Case
     healthy: Case
+    lifecycle: Case | None = None
+    """A case that checks the alert at several times: pending (not firing yet), firing and
+    resolved."""
 
     @property
     def anchor(self) -> str:
@@ -820,6 +877,13 @@ def alerts(ns: str = cat.DEFAULT_NAMESPACE) -> list[Alert]:
                 [({}, f"2 request session(s) open longer than the leak threshold {at}")],
             ),
             Case({s(cat.SESSIONS_LEAK_SUSPECTED): "0 0 2 2 0x20"}, "10m"),
+            # Over the threshold from 2m to 10m: pending until 7m, firing 7m-10m, resolved at 11m.
+            lifecycle=Case(
+                {s(cat.SESSIONS_LEAK_SUSPECTED): "0 0 2x8 0x10"},
+                "7m",
+                [({}, f"2 request session(s) open longer than the leak threshold {at}")],
+                also=(("6m", False), ("10m", True), ("12m", False)),
+            ),
         ),
         Alert(
             "DbSessionVeryOld",
@@ -1132,12 +1196,25 @@ def alert_rules_document(
     }
 
 
+def _minutes(duration: str) -> float:
+    """``"90m"`` or ``"2h"`` -> minutes (the eval_time forms the cases use)."""
+    return float(duration[:-1]) * {"m": 1, "h": 60}[duration[-1]]
+
+
 def alert_tests_document(
     ns: str = cat.DEFAULT_NAMESPACE, base: str = RUNBOOK_BASE
 ) -> dict[str, Any]:
     tests = []
     for a in alerts(ns):
-        for verdict, case in (("fires on", a.bad), ("stays silent on", a.healthy)):
+        cases = [
+            (f"{a.name} fires on a bad series", a.bad),
+            (f"{a.name} stays silent on a healthy series", a.healthy),
+        ]
+        if a.lifecycle is not None:
+            cases.append(
+                (f"{a.name} goes pending, fires after for: {a.for_}, then resolves", a.lifecycle)
+            )
+        for name, case in cases:
             exp = []
             for extra, summary in case.fires:
                 labels = {k: TEST_LABELS[k] for k in a.labels if k in TEST_LABELS}
@@ -1151,13 +1228,15 @@ def alert_tests_document(
                         },
                     }
                 )
+            checks = [(case.eval_time, True), *case.also]
             tests.append(
                 {
-                    "name": f"{a.name} {verdict} {'a bad' if case.fires else 'a healthy'} series",
+                    "name": name,
                     "interval": "1m",
                     "input_series": [{"series": k, "values": v} for k, v in case.series.items()],
                     "alert_rule_test": [
-                        {"eval_time": case.eval_time, "alertname": a.name, "exp_alerts": exp}
+                        {"eval_time": t, "alertname": a.name, "exp_alerts": exp if fires else []}
+                        for t, fires in sorted(checks, key=lambda c: _minutes(c[0]))
                     ],
                 }
             )
@@ -1166,50 +1245,27 @@ def alert_tests_document(
 
 # -------------------------------------------------------------------------------------- YAML
 
-_PLAIN = re.compile(r"^[A-Za-z_][A-Za-z0-9_./ -]*$")
+
+def to_yaml(value: Any) -> str:
+    """``value`` as YAML that ``yaml.safe_load`` reads back as ``value``: PyYAML quotes every
+    string that would otherwise read as a boolean, a number or null (``No``, ``Off``, ``NULL``).
+    Keys keep the order the generator built them in; long expressions stay on one line."""
+    text: str = yaml.dump(
+        value,
+        Dumper=_Dumper,
+        sort_keys=False,
+        default_flow_style=False,
+        allow_unicode=True,
+        width=1_000_000,
+    )
+    return text
 
 
-def _scalar(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return json.dumps(value)
-    text = str(value)
-    if _PLAIN.match(text) and text not in ("true", "false", "null", "yes", "no", "on", "off"):
-        return text
-    if "'" not in text and "\n" not in text:
-        return f"'{text}'"  # single-quoted: nothing inside needs escaping
-    return json.dumps(text)  # a JSON string is a valid YAML double-quoted scalar
+class _Dumper(yaml.SafeDumper):
+    """``yaml.safe_dump``'s dumper, writing a value used twice twice (no ``&id001`` anchors)."""
 
-
-def to_yaml(value: Any, indent: int = 0) -> str:
-    """A small YAML emitter for dicts, lists and scalars (enough for rule files)."""
-    pad = "  " * indent
-    lines: list[str] = []
-    if isinstance(value, dict):
-        if not value:
-            return pad + "{}"
-        for k, v in value.items():
-            if isinstance(v, dict | list) and v:
-                lines.append(f"{pad}{k}:")
-                lines.append(to_yaml(v, indent + 1 if isinstance(v, dict) else indent))
-            elif isinstance(v, list):
-                lines.append(f"{pad}{k}: []")
-            elif isinstance(v, dict):
-                lines.append(f"{pad}{k}: {{}}")
-            else:
-                lines.append(f"{pad}{k}: {_scalar(v)}")
-    elif isinstance(value, list):
-        for item in value:
-            if isinstance(item, dict) and item:
-                body = to_yaml(item, indent + 1).splitlines()
-                lines.append(f"{pad}- {body[0].lstrip()}")
-                lines.extend(body[1:])
-            else:
-                lines.append(f"{pad}- {_scalar(item)}")
-    else:
-        lines.append(pad + _scalar(value))
-    return "\n".join(lines)
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
 
 
 HEADER: Final = (
@@ -1222,11 +1278,10 @@ def render(ns: str = cat.DEFAULT_NAMESPACE, base: str = RUNBOOK_BASE) -> dict[Pa
     """Every generated file and its content."""
     return {
         DASHBOARD_FILE: json.dumps(dashboard(ns), indent=2) + "\n",
-        ALERTS_FILE: HEADER + to_yaml(alert_rules_document(ns, base)) + "\n",
+        ALERTS_FILE: HEADER + to_yaml(alert_rules_document(ns, base)),
         ALERTS_TEST_FILE: HEADER
         + "# Run: promtool test rules dashboards/prometheus/alerts_test.yml\n"
-        + to_yaml(alert_tests_document(ns, base))
-        + "\n",
+        + to_yaml(alert_tests_document(ns, base)),
     }
 
 

@@ -21,7 +21,7 @@ import anyio
 import anyio.to_thread
 import sqlalchemy as sa
 import structlog
-from fastapi import BackgroundTasks, Depends, FastAPI, HTTPException, Query
+from fastapi import BackgroundTasks, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CollectorRegistry, make_asgi_app
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -40,6 +40,11 @@ AnySession = Session | AsyncSession
 log = structlog.get_logger("demo_app")
 
 DEFAULT_DATABASE_URL = "sqlite:///demo.db"
+HOLD_DEFAULT_SECONDS = 420.0
+"""How long ``/hold`` keeps its session: 7 minutes, past the ``for: 5m`` of the leak alert."""
+HOLD_MAX_SECONDS = 3600.0
+"""The longest ``/hold`` accepts: an hour, so a forgotten request does not hold a connection
+for the life of the demo."""
 METRICS_PATHS = ("/metrics", "/metrics/")
 """The exposition is mounted at ``/metrics`` (Starlette redirects it to ``/metrics/``)."""
 
@@ -471,6 +476,34 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         count = await run(db, lambda s: s.scalar(sa.select(sa.func.count()).select_from(Item)))
         await anyio.sleep(seconds)
         return {"held_seconds": seconds, "items": count}
+
+    @app.get(
+        "/hold",
+        tags=["leaks"],
+        summary="Hold one session for minutes: long enough for the leak alerts to fire",
+        description="Runs a query, then keeps the session (and its pooled connection) open for "
+        f"`seconds` (at most {HOLD_MAX_SECONDS:g}), or until the client disconnects, whichever "
+        "comes first. `/slow` stops at 120 s, shorter than the `for: 5m` of "
+        "`DbSessionLeakSuspected`; this route outlasts it. "
+        "`python -m demo_app.load --scenario leak` calls it; docs/alerts.md shows the alerts "
+        "go pending, firing and resolved.",
+    )
+    async def hold(
+        request: Request,
+        db: Db,
+        seconds: Annotated[float, Query(gt=0, le=HOLD_MAX_SECONDS)] = HOLD_DEFAULT_SECONDS,
+    ) -> dict[str, Any]:
+        count = await run(db, lambda s: s.scalar(sa.select(sa.func.count()).select_from(Item)))
+        started = anyio.current_time()
+        deadline = started + seconds
+        client_left = False
+        while (left := deadline - anyio.current_time()) > 0:
+            if await request.is_disconnected():
+                client_left = True  # Ctrl-C on the load generator releases the session now
+                break
+            await anyio.sleep(min(1.0, left))
+        held = round(anyio.current_time() - started, 3)
+        return {"held_seconds": held, "client_left": client_left, "items": count}
 
     @app.post(
         "/fire-and-forget",

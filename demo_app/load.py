@@ -4,10 +4,16 @@
     python -m demo_app.load --duration 30 --rate 50 --concurrency 16
     python -m demo_app.load --mix create=5,read=10,slow=1
     python -m demo_app.load --list-scenarios
+    python -m demo_app.load --scenario leak       # hold one session 7 min: the leak alerts fire
 
 Each request picks a scenario by weight; a progress bar runs on a terminal; at the end a
 table shows, per scenario, the statuses received and the latencies. The exit status is 1 when
 a request failed to connect or got a status its scenario does not expect.
+
+``--scenario leak`` sends no mix: it holds one request session open on ``/hold`` for
+``--hold-seconds`` (default 420 s), past the ``for: 5m`` of ``DbSessionLeakSuspected``, so the
+alert goes pending, fires, and resolves when the request ends (or at once on Ctrl-C: the route
+lets go of its session when the client disconnects). docs/alerts.md has the walk-through.
 """
 
 from __future__ import annotations
@@ -25,6 +31,11 @@ from typing import Any, TextIO
 
 import anyio
 import httpx
+
+HOLD_DEFAULT_SECONDS = 420.0
+"""``--scenario leak``: 7 minutes, past the ``for: 5m`` of ``DbSessionLeakSuspected``."""
+HOLD_MAX_SECONDS = 3600.0
+"""The longest the demo's ``/hold`` route accepts."""
 
 
 @dataclass(frozen=True)
@@ -87,6 +98,9 @@ class Config:
     timeout: float = 30.0
     seed: int | None = None
     progress: bool = False
+    scenario: str = "mix"
+    """``mix``: the weighted scenarios above; ``leak``: one request holding its session."""
+    hold_seconds: float = HOLD_DEFAULT_SECONDS
 
 
 @dataclass
@@ -236,6 +250,50 @@ async def run_load(
     return Summary(elapsed, per)
 
 
+async def hold_session(
+    config: Config,
+    out: TextIO | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> int:
+    """``--scenario leak``: one ``GET /hold`` keeping its session open ``config.hold_seconds``.
+
+    Says what it does on ``out`` (default stdout) with the time held so far (every second on
+    a terminal, else every minute), and returns the HTTP status of the answer."""
+    out = sys.stdout if out is None else out
+    seconds = config.hold_seconds
+    out.write(
+        f"holding one request session on {config.url}/hold for {seconds:g} s. Past the leak "
+        "threshold DbSessionLeakSuspected goes pending, 5 minutes later it fires; it resolves "
+        "once the session closes (when this ends; Ctrl-C ends it now)\n"
+    )
+    out.flush()
+    timeout = httpx.Timeout(config.timeout, read=seconds + config.timeout)
+    started = time.perf_counter()
+
+    async def ticker() -> None:
+        every = 1.0 if config.progress else 60.0
+        while True:
+            await anyio.sleep(every)
+            held = time.perf_counter() - started
+            end = "\r" if config.progress else "\n"
+            out.write(f"held {held:5.0f}/{seconds:g} s{end}")
+            out.flush()
+
+    async with (
+        httpx.AsyncClient(base_url=config.url, timeout=timeout, transport=transport) as client,
+        anyio.create_task_group() as tasks,
+    ):
+        tasks.start_soon(ticker)
+        response = await client.get("/hold", params={"seconds": seconds})
+        tasks.cancel_scope.cancel()
+    if config.progress:
+        out.write("\n")
+    elapsed = time.perf_counter() - started
+    out.write(f"{response.status_code} after {elapsed:.1f} s: {response.text}\n")
+    out.flush()
+    return response.status_code
+
+
 async def run_and_report(
     config: Config,
     out: TextIO | None = None,
@@ -347,9 +405,25 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, bool]:
         help="draw a progress bar (default: when stderr is a terminal)",
     )
     parser.add_argument("--list-scenarios", action="store_true", help="list scenarios and exit")
+    parser.add_argument(
+        "--scenario",
+        choices=("mix", "leak"),
+        default="mix",
+        help="mix: the weighted scenarios (default); leak: hold one session on /hold for "
+        "--hold-seconds, so the leak alerts go pending, fire and resolve",
+    )
+    parser.add_argument(
+        "--hold-seconds",
+        type=float,
+        default=HOLD_DEFAULT_SECONDS,
+        help=f"--scenario leak: how long the session is held (default %(default)g s; "
+        f"at most {HOLD_MAX_SECONDS:g})",
+    )
     args = parser.parse_args(argv)
     if args.concurrency < 1:
         parser.error("--concurrency must be at least 1")
+    if not 0 < args.hold_seconds <= HOLD_MAX_SECONDS:
+        parser.error(f"--hold-seconds must be above 0 and at most {HOLD_MAX_SECONDS:g}")
     config = Config(
         url=args.url,
         duration=args.duration,
@@ -359,6 +433,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, bool]:
         timeout=args.timeout,
         seed=args.seed,
         progress=sys.stderr.isatty() if args.progress is None else args.progress,
+        scenario=args.scenario,
+        hold_seconds=args.hold_seconds,
     )
     if args.mix is not None:
         config.mix = args.mix
@@ -372,6 +448,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{s.name:16} {s.weight:3}  {s.method:4} {s.path:32} {s.purpose}")
         return 0
     try:
+        if config.scenario == "leak":
+            try:
+                return 0 if anyio.run(hold_session, config) == 200 else 1
+            except KeyboardInterrupt:
+                print("\ninterrupted: the demo lets go of the session now", file=sys.stderr)
+                return 130
         summary = anyio.run(run_and_report, config)
     except httpx.HTTPError as exc:
         print(f"cannot reach the demo app at {config.url}: {exc}", file=sys.stderr)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import socket
 import subprocess
@@ -17,6 +18,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -247,6 +249,77 @@ class Prometheus:
             time.sleep(0.25)
         state = "true" if present else "false"
         raise AssertionError(f"{expr!r} did not become {state} within {timeout} s")
+
+
+@dataclass
+class DemoStack:
+    """The demo app and a Prometheus scraping it every second, both on loopback."""
+
+    app_url: str
+    prometheus: Prometheus
+
+
+@contextmanager
+def demo_and_prometheus(
+    prometheus_bin: str, tmp: Path, job: str, rule_files: list[Path], demo_env: dict[str, str]
+) -> Iterator[DemoStack]:
+    """Start the demo app (uvicorn, ``demo_env`` added to the environment) and Prometheus
+    (1 s scrapes and rule evaluations of ``rule_files``) on free ports; stop both after."""
+    app_port, prom_port = free_port(), free_port()
+    env = {**os.environ, "DEMO_LOG_LEVEL": "WARNING", "PYTHONUNBUFFERED": "1", **demo_env}
+    app_log = tmp / "app.log"
+    prom_log = tmp / "prometheus.log"
+    config = tmp / "prometheus.yml"
+    config.write_text(
+        json.dumps(
+            {
+                "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                "rule_files": [str(f) for f in rule_files],
+                "scrape_configs": [
+                    {
+                        "job_name": job,
+                        "metrics_path": "/metrics/",
+                        "static_configs": [{"targets": [f"127.0.0.1:{app_port}"]}],
+                    }
+                ],
+            }
+        )
+    )
+    procs: list[subprocess.Popen[bytes]] = []
+    with app_log.open("wb") as app_out, prom_log.open("wb") as prom_out:
+        try:
+            app = subprocess.Popen(
+                [
+                    *(sys.executable, "-m", "uvicorn", "demo_app.main:app"),
+                    *("--host", "127.0.0.1", "--port", str(app_port), "--no-access-log"),
+                ],
+                cwd=ROOT,
+                env=env,
+                stdout=app_out,
+                stderr=subprocess.STDOUT,
+            )
+            procs.append(app)
+            prom = subprocess.Popen(
+                [
+                    prometheus_bin,
+                    f"--config.file={config}",
+                    f"--web.listen-address=127.0.0.1:{prom_port}",
+                    f"--storage.tsdb.path={tmp / 'tsdb'}",
+                    "--storage.tsdb.retention.time=1d",
+                ],
+                cwd=tmp,
+                stdout=prom_out,
+                stderr=subprocess.STDOUT,
+            )
+            procs.append(prom)
+            app_url = f"http://127.0.0.1:{app_port}"
+            prom_url = f"http://127.0.0.1:{prom_port}"
+            wait_until_up(f"{app_url}/healthz", app, app_log, timeout=30)
+            wait_until_up(f"{prom_url}/-/ready", prom, prom_log, timeout=30)
+            yield DemoStack(app_url, Prometheus(prom_url))
+        finally:
+            for proc in reversed(procs):
+                stop(proc)
 
 
 class PromQLError(AssertionError):

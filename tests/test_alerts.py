@@ -9,12 +9,12 @@ from types import ModuleType
 
 import pytest
 
-from .prom_support import DASHBOARDS, catalogue_problems, generator
+from .prom_support import DASHBOARDS, ROOT, catalogue_problems, generator
 from .prometheus_tools import promtool
 
 RULES = DASHBOARDS / "prometheus" / "alerts.yml"
 RULE_TESTS = DASHBOARDS / "prometheus" / "alerts_test.yml"
-RUNBOOK = DASHBOARDS / "README.md"
+RUNBOOK = ROOT / "docs" / "alerts.md"
 
 REQUIRED_ALERTS = {
     "DbSessionLeakSuspected": "leak suspected",

@@ -200,6 +200,41 @@ async def test_a_session_held_past_the_leak_threshold_is_detected_then_resolved(
     assert any("leak" in str(e["event"]) for e in logs)
 
 
+async def test_the_leak_scenario_holds_one_session_past_the_threshold_then_closes_it(
+    demo: Demo,
+) -> None:
+    out = io.StringIO()
+    config = load.Config(scenario="leak", hold_seconds=0.8)
+    status = await load.hold_session(config, out=out, transport=demo.transport)
+    assert status == 200
+    first, *_, last = out.getvalue().splitlines()
+    assert first.startswith("holding one request session on http://127.0.0.1:8000/hold for 0.8 s")
+    assert last.startswith("200 after ")
+    assert '"client_left":false' in last
+    assert demo.metric("db_session_leaks_detected_total", route="/hold") == 1
+    assert demo.metric("db_session_leaks_resolved_total", route="/hold") == 1
+    assert demo.metric("db_sessions_closed_total", route="/hold", outcome="commit") == 1
+    assert demo.metric("db_sessions_open") == 0
+
+
+@pytest.mark.parametrize("demo", ["sqlite"], indirect=True)
+async def test_hold_refuses_no_time_and_more_than_an_hour(demo: Demo) -> None:
+    for seconds in ("0", "3601"):
+        r = await demo.client.get("/hold", params={"seconds": seconds})
+        assert r.status_code == 422, r.text
+    assert demo.metric("db_sessions_closed_total", route="/hold", outcome="commit") == 0
+
+
+def test_the_load_generator_takes_the_leak_scenario_and_bounds_the_hold() -> None:
+    config, _ = load.parse_args(["--scenario", "leak", "--hold-seconds", "330"])
+    assert (config.scenario, config.hold_seconds) == ("leak", 330)
+    assert load.parse_args([])[0].hold_seconds == 420 > 5 * 60  # past the alert's for: 5m
+    assert load.HOLD_MAX_SECONDS == demo_app.app.HOLD_MAX_SECONDS
+    for bad in ("0", "3601"):
+        with pytest.raises(SystemExit):
+            load.parse_args(["--scenario", "leak", "--hold-seconds", bad])
+
+
 async def test_a_task_that_outlives_its_request_cannot_use_the_request_session(
     demo: Demo,
 ) -> None:
@@ -227,7 +262,7 @@ async def test_the_metrics_endpoint_exports_the_session_metrics(demo: Demo) -> N
 async def test_the_openapi_page_documents_the_purpose_of_every_route(demo: Demo) -> None:
     spec = (await demo.client.get("/openapi.json")).json()
     operations = [op for path in spec["paths"].values() for op in path.values()]
-    assert len(operations) == 16
+    assert len(operations) == 17
     assert all(op.get("summary") and op.get("tags") for op in operations)
     # Everything the app serves is on the page, mounted apps included (FastAPI leaves those
     # out by itself); a mount is documented at the path it answers, with its trailing slash.

@@ -35,13 +35,11 @@ from .prom_support import (
     ROOT,
     Prometheus,
     PromQLError,
-    free_port,
+    demo_and_prometheus,
     generator,
     http_get,
     iter_targets,
-    stop,
     substitute,
-    wait_until_up,
 )
 from .prometheus_tools import prometheus
 
@@ -64,70 +62,16 @@ class Stack:
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     prometheus_bin = prometheus()
     tmp = tmp_path_factory.mktemp("e2e")
-    app_port, prom_port = free_port(), free_port()
     env = {
-        **os.environ,
         "DATABASE_URL": f"sqlite:///{tmp / 'demo.db'}",
         "DEMO_LEAK_THRESHOLD": str(LEAK_THRESHOLD),
         "DEMO_POOL_SIZE": str(POOL_SIZE),
         "DEMO_MAX_OVERFLOW": str(MAX_OVERFLOW),
         "DEMO_POOL_TIMEOUT": str(POOL_TIMEOUT),
-        "DEMO_LOG_LEVEL": "WARNING",
-        "PYTHONUNBUFFERED": "1",
     }
-    app_log = tmp / "app.log"
-    prom_log = tmp / "prometheus.log"
-    config = tmp / "prometheus.yml"
-    config.write_text(
-        json.dumps(
-            {
-                "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-                "rule_files": [str(DASHBOARDS / "prometheus" / "alerts.yml")],
-                "scrape_configs": [
-                    {
-                        "job_name": JOB,
-                        "metrics_path": "/metrics/",
-                        "static_configs": [{"targets": [f"127.0.0.1:{app_port}"]}],
-                    }
-                ],
-            }
-        )
-    )
-    procs: list[subprocess.Popen[bytes]] = []
-    with app_log.open("wb") as app_out, prom_log.open("wb") as prom_out:
-        try:
-            app = subprocess.Popen(
-                [
-                    *(sys.executable, "-m", "uvicorn", "demo_app.main:app"),
-                    *("--host", "127.0.0.1", "--port", str(app_port), "--no-access-log"),
-                ],
-                cwd=ROOT,
-                env=env,
-                stdout=app_out,
-                stderr=subprocess.STDOUT,
-            )
-            procs.append(app)
-            prom = subprocess.Popen(
-                [
-                    prometheus_bin,
-                    f"--config.file={config}",
-                    f"--web.listen-address=127.0.0.1:{prom_port}",
-                    f"--storage.tsdb.path={tmp / 'tsdb'}",
-                    "--storage.tsdb.retention.time=1d",
-                ],
-                cwd=tmp,
-                stdout=prom_out,
-                stderr=subprocess.STDOUT,
-            )
-            procs.append(prom)
-            app_url = f"http://127.0.0.1:{app_port}"
-            prom_url = f"http://127.0.0.1:{prom_port}"
-            wait_until_up(f"{app_url}/healthz", app, app_log, timeout=30)
-            wait_until_up(f"{prom_url}/-/ready", prom, prom_log, timeout=30)
-            yield Stack(app_url, Prometheus(prom_url), tmp, time.time())
-        finally:
-            for proc in reversed(procs):
-                stop(proc)
+    rules = [DASHBOARDS / "prometheus" / "alerts.yml"]
+    with demo_and_prometheus(prometheus_bin, tmp, JOB, rules, env) as running:
+        yield Stack(running.app_url, running.prometheus, tmp, time.time())
 
 
 @pytest.fixture(scope="module")
