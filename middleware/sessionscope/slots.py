@@ -14,7 +14,10 @@ while holding a thread of the threadpool:
   waits, so that the requests holding connections can still get a thread to finish.
 
 The slot is given back when the request transaction is decided (the connection is returned
-then) or the request ends. Waiters are served first come, first served.
+then) or the request ends. A transaction the session begins after the decision (a streaming
+body using it) takes a slot again, until the request ends: every connection a request session
+holds is counted, so the requests admitted never wait in a thread for a connection that only
+a stream could give back. Waiters are served first come, first served.
 """
 
 from __future__ import annotations
