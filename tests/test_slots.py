@@ -15,7 +15,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sessionscope import DBSessionMiddleware, _compat
 from sessionscope.slots import LoopSlots, SessionSlots
 
-from .support import request
+from .support import http_scope, request
 
 pytestmark = pytest.mark.anyio
 
@@ -202,3 +202,41 @@ async def _reads(scope: Any, receive: Any, send: Any) -> None:
     value = await anyio.to_thread.run_sync(read)
     await send({"type": "http.response.start", "status": 200})
     await send({"type": "http.response.body", "body": str(value).encode()})
+
+
+async def test_a_session_used_after_its_decision_holds_a_slot_again_until_the_request_ends(
+    tmp_path: Any,
+) -> None:
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'slots.db'}", pool_size=2, max_overflow=0)
+    middleware = DBSessionMiddleware(_late_use, engine=engine, registry=CollectorRegistry())
+    assert middleware.settings.slots is not None
+    slots = middleware.settings.slots.here()
+    in_use: list[int] = []
+    scope = http_scope()
+    scope["slots in use"] = lambda: in_use.append(slots._in_use)
+    try:
+        ex = await request(middleware, scope=scope)
+        assert (ex.status, ex.body) == (200, b"1;2")
+        # before the decision, after it, while the streaming body's transaction is open
+        assert in_use == [1, 0, 1]
+        assert slots._in_use == 0  # given back when the request ended
+        assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    finally:
+        engine.dispose()
+
+
+async def _late_use(scope: Any, receive: Any, send: Any) -> None:
+    """A def route reads, then its streaming body reads again after the response started."""
+
+    def read(value: int) -> bytes:
+        return str(scope["state"]["db"].execute(sa.select(sa.literal(value))).scalar_one()).encode()
+
+    note = scope["slots in use"]
+    first = await anyio.to_thread.run_sync(read, 1)
+    note()
+    await send({"type": "http.response.start", "status": 200})
+    note()
+    await send({"type": "http.response.body", "body": first + b";", "more_body": True})
+    second = await anyio.to_thread.run_sync(read, 2)
+    note()
+    await send({"type": "http.response.body", "body": second})
