@@ -204,7 +204,7 @@ async def _reads(scope: Any, receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": str(value).encode()})
 
 
-async def test_a_session_used_after_its_decision_holds_a_slot_again_until_the_request_ends(
+async def test_a_session_used_after_its_decision_holds_a_slot_again_while_its_transaction_is_open(
     tmp_path: Any,
 ) -> None:
     engine = sa.create_engine(f"sqlite:///{tmp_path / 'slots.db'}", pool_size=2, max_overflow=0)
@@ -216,9 +216,10 @@ async def test_a_session_used_after_its_decision_holds_a_slot_again_until_the_re
     scope["slots in use"] = lambda: in_use.append(slots._in_use)
     try:
         ex = await request(middleware, scope=scope)
-        assert (ex.status, ex.body) == (200, b"1;2")
-        # before the decision, after it, while the streaming body's transaction is open
-        assert in_use == [1, 0, 1]
+        assert (ex.status, ex.body) == (200, b"1;2;3")
+        # before the decision, after it, while the streaming body's transaction is open, after
+        # the body commits it, and while its next one is open
+        assert in_use == [1, 0, 1, 0, 1]
         assert slots._in_use == 0  # given back when the request ended
         assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
     finally:
@@ -226,7 +227,8 @@ async def test_a_session_used_after_its_decision_holds_a_slot_again_until_the_re
 
 
 async def _late_use(scope: Any, receive: Any, send: Any) -> None:
-    """A def route reads, then its streaming body reads again after the response started."""
+    """A def route reads; its streaming body reads, commits and reads again after the response
+    started."""
 
     def read(value: int) -> bytes:
         return str(scope["state"]["db"].execute(sa.select(sa.literal(value))).scalar_one()).encode()
@@ -239,4 +241,9 @@ async def _late_use(scope: Any, receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": first + b";", "more_body": True})
     second = await anyio.to_thread.run_sync(read, 2)
     note()
-    await send({"type": "http.response.body", "body": second})
+    await send({"type": "http.response.body", "body": second + b";", "more_body": True})
+    await anyio.to_thread.run_sync(scope["state"]["db"].commit)
+    note()
+    third = await anyio.to_thread.run_sync(read, 3)
+    note()
+    await send({"type": "http.response.body", "body": third})

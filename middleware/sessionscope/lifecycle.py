@@ -10,7 +10,7 @@ Every state a request session goes through, and every commit or rollback, is in 
 * **late**: after the decision the session stays usable until the application returns
   (streaming bodies, background tasks); what it does then runs in a new transaction that is
   rolled back at close unless the application commits it itself. Such a late transaction of
-  a sync engine takes a pool slot again, held until the request ends.
+  a sync engine takes a pool slot again, held until it ends or the request does.
 * **closed** when the application returns, raises or is cancelled. Cleanup is shielded from
   cancellation; cleanup errors are reported, never raised over the application's own error.
 
@@ -21,6 +21,7 @@ decides how each call runs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import threading
 from collections.abc import Awaitable, Callable
@@ -109,6 +110,7 @@ class SessionSettings:
                 target, "after_transaction_create", _admit_late
             ):
                 event.listen(target, "after_transaction_create", _admit_late)
+                event.listen(target, "after_transaction_end", _release_late)
 
     def refuse(self, matched: object) -> NoReturn:
         """Raise for a request that asks for its session after it finished (``matched``: its
@@ -204,7 +206,8 @@ class RequestSession(StatementTally):
 
     def admit_late(self) -> None:
         """Take a pool slot again for a transaction begun after the decision (a streaming body
-        using the session), from the thread beginning it; held until the request ends.
+        using the session), from the thread beginning it; held until that transaction ends
+        (:meth:`release_late`) or the request does.
 
         The decision gave the request's slot back with its connection. Without a slot again,
         the late transaction's connection would not be counted: requests admitted in its place
@@ -213,6 +216,17 @@ class RequestSession(StatementTally):
         slots = self.slots
         if slots is not None and self._admitting(_DECIDED):
             self._admit_here(slots)
+
+    def release_late(self) -> None:
+        """Give the slot of a late transaction back when it ends (the application committed
+        or rolled it back, and its connection went back to the pool): on the loop, or from an
+        AnyIO worker thread through it; from any other thread, when the request ends."""
+        if threading.get_ident() == self.loop_thread:
+            self._release_slot()
+            return
+        # Not an AnyIO worker thread (RuntimeError): withdraw() gives it back at the end.
+        with contextlib.suppress(RuntimeError):
+            anyio.from_thread.run_sync(self._release_slot)
 
     def _admitting(self, phase: Phase) -> bool:
         """Claim the admission of this request's session to a pool slot: ``False`` when it
@@ -482,6 +496,17 @@ def _admit_late(session: Session, transaction: Any) -> None:
     request: RequestSession | None = session.info.get(REQUEST_KEY)
     if request is not None and request.phase is _DECIDED and transaction.parent is None:
         request.admit_late()
+
+
+def _release_late(session: Session, transaction: Any) -> None:
+    request: RequestSession | None = session.info.get(REQUEST_KEY)
+    if (
+        request is not None
+        and request.slot is not None
+        and request.phase is _DECIDED
+        and transaction.parent is None
+    ):
+        request.release_late()
 
 
 def _refuse_if_closed(session: Session, transaction: Any) -> None:

@@ -15,9 +15,9 @@ while holding a thread of the threadpool:
 
 The slot is given back when the request transaction is decided (the connection is returned
 then) or the request ends. A transaction the session begins after the decision (a streaming
-body using it) takes a slot again, until the request ends: every connection a request session
-holds is counted, so the requests admitted never wait in a thread for a connection that only
-a stream could give back. Waiters are served first come, first served.
+body using it) takes a slot again, until it ends or the request does: every connection a
+request session holds is counted, so the requests admitted never wait in a thread for a
+connection that only a stream could give back. Waiters are served first come, first served.
 """
 
 from __future__ import annotations
