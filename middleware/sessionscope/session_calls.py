@@ -23,7 +23,8 @@ from sqlalchemy.orm import Session
 from .source import AnySession
 
 FINALIZER_THREADS = 40
-"""Worker threads reserved for finalizing sync sessions that hold a connection."""
+"""Tokens of the finalizers' own limiter: at most this many worker threads finalize sync
+sessions that hold a connection at once, on one event loop."""
 
 
 class SessionCalls:
