@@ -295,7 +295,7 @@ async def request(
 
 async def wait_until(check: Callable[[], object]) -> None:
     """Poll ``check()`` until it is true, at most 5 s: for what a thread of its own does (the
-    leak sweep, lane threads), which has no event to await."""
+    leak sweep, worker threads), which has no event to await."""
     with anyio.fail_after(5):
         while not check():  # noqa: ASYNC110 - the thread has no event to await
             await anyio.sleep(0.01)

@@ -17,7 +17,6 @@ import sqlalchemy as sa
 from structlog.testing import capture_logs
 
 from sessionscope import DBSessionMiddleware, SessionClosedError
-from sessionscope.thread_lane import ThreadLane
 
 from .support import Backend, Exchange, children, items, request
 
@@ -191,22 +190,13 @@ def hops(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The middleware's own worker-thread calls on sessions (not the app's), in order."""
     seen: list[str] = []
     real = anyio.to_thread.run_sync
-    real_lane = ThreadLane.run
-
-    def note(fn: Any) -> None:
-        if isinstance(getattr(fn, "__self__", None), sa.orm.Session):
-            seen.append(fn.__name__)
 
     async def counting(fn: Any, *args: Any, **kwargs: Any) -> Any:
-        note(fn)
+        if isinstance(getattr(fn, "__self__", None), sa.orm.Session):
+            seen.append(fn.__name__)
         return await real(fn, *args, **kwargs)
 
-    async def counting_lane(lane: ThreadLane, fn: Any) -> Any:
-        note(fn)
-        return await real_lane(lane, fn)
-
     monkeypatch.setattr("sessionscope.session_calls.anyio.to_thread.run_sync", counting)
-    monkeypatch.setattr(ThreadLane, "run", counting_lane)
     return seen
 
 

@@ -12,10 +12,10 @@ import sqlalchemy as sa
 from prometheus_client import CollectorRegistry
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
-from sessionscope import DBSessionMiddleware
-from sessionscope.slots import LoopSlots
+from sessionscope import DBSessionMiddleware, _compat
+from sessionscope.slots import LoopSlots, SessionSlots
 
-from .support import request
+from .support import http_scope, request
 
 pytestmark = pytest.mark.anyio
 
@@ -144,3 +144,106 @@ async def _two_first_uses(scope: Any, receive: Any, send: Any) -> None:
     assert sessions[0] is sessions[1]
     await send({"type": "http.response.start", "status": 200})
     await send({"type": "http.response.body"})
+
+
+def test_a_queue_pool_has_pool_size_plus_max_overflow_slots_and_an_unbounded_pool_none(
+    tmp_path: Any,
+) -> None:
+    url = f"sqlite:///{tmp_path / 'slots.db'}"
+    for options, capacity in (
+        ({"pool_size": 2, "max_overflow": 3}, 5),
+        ({"pool_size": 2, "max_overflow": 0}, 2),
+        ({"pool_size": 2, "max_overflow": -1}, None),
+        ({"pool_size": 0}, None),  # SQLAlchemy: pool_size 0 means no limit
+        ({"poolclass": sa.pool.NullPool}, None),
+    ):
+        engine = sa.create_engine(url, **options)
+        try:
+            slots = SessionSlots.for_engine(engine, "main")
+            assert (None if slots is None else slots.capacity) == capacity, options
+        finally:
+            engine.dispose()
+
+
+def test_max_overflow_is_read_from_a_queue_pool_and_is_unknown_for_a_pool_without_it(
+    tmp_path: Any,
+) -> None:
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'slots.db'}", pool_size=2, max_overflow=7)
+    try:
+        assert _compat.max_overflow(engine.pool) == 7
+    finally:
+        engine.dispose()
+    assert _compat.max_overflow(sa.pool.NullPool(lambda: None)) is None
+
+
+async def test_a_pool_whose_max_overflow_cannot_be_read_is_served_without_slots_and_says_so(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What an upgrade of SQLAlchemy that drops QueuePool._max_overflow would do.
+    monkeypatch.setattr(_compat, "max_overflow", lambda pool: None)
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'slots.db'}", pool_size=1, max_overflow=0)
+    try:
+        with pytest.warns(RuntimeWarning, match="cannot read max_overflow .* 'default'"):
+            middleware = DBSessionMiddleware(_reads, engine=engine, registry=CollectorRegistry())
+        assert middleware.settings.slots is None
+        ex = await request(middleware)
+        assert (ex.status, ex.body) == (200, b"1")
+        assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    finally:
+        engine.dispose()
+
+
+async def _reads(scope: Any, receive: Any, send: Any) -> None:
+    """A def-route-like read: the session is first used in a worker thread."""
+
+    def read() -> int:
+        return int(scope["state"]["db"].execute(sa.text("select 1")).scalar_one())
+
+    value = await anyio.to_thread.run_sync(read)
+    await send({"type": "http.response.start", "status": 200})
+    await send({"type": "http.response.body", "body": str(value).encode()})
+
+
+async def test_a_session_used_after_its_decision_holds_a_slot_again_while_its_transaction_is_open(
+    tmp_path: Any,
+) -> None:
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'slots.db'}", pool_size=2, max_overflow=0)
+    middleware = DBSessionMiddleware(_late_use, engine=engine, registry=CollectorRegistry())
+    assert middleware.settings.slots is not None
+    slots = middleware.settings.slots.here()
+    in_use: list[int] = []
+    scope = http_scope()
+    scope["slots in use"] = lambda: in_use.append(slots._in_use)
+    try:
+        ex = await request(middleware, scope=scope)
+        assert (ex.status, ex.body) == (200, b"1;2;3")
+        # before the decision, after it, while the streaming body's transaction is open, after
+        # the body commits it, and while its next one is open
+        assert in_use == [1, 0, 1, 0, 1]
+        assert slots._in_use == 0  # given back when the request ended
+        assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    finally:
+        engine.dispose()
+
+
+async def _late_use(scope: Any, receive: Any, send: Any) -> None:
+    """A def route reads; its streaming body reads, commits and reads again after the response
+    started."""
+
+    def read(value: int) -> bytes:
+        return str(scope["state"]["db"].execute(sa.select(sa.literal(value))).scalar_one()).encode()
+
+    note = scope["slots in use"]
+    first = await anyio.to_thread.run_sync(read, 1)
+    note()
+    await send({"type": "http.response.start", "status": 200})
+    note()
+    await send({"type": "http.response.body", "body": first + b";", "more_body": True})
+    second = await anyio.to_thread.run_sync(read, 2)
+    note()
+    await send({"type": "http.response.body", "body": second + b";", "more_body": True})
+    await anyio.to_thread.run_sync(scope["state"]["db"].commit)
+    note()
+    third = await anyio.to_thread.run_sync(read, 3)
+    note()
+    await send({"type": "http.response.body", "body": third})

@@ -9,7 +9,8 @@ Every state a request session goes through, and every commit or rollback, is in 
   back and replaces the response with a complete ``500``.
 * **late**: after the decision the session stays usable until the application returns
   (streaming bodies, background tasks); what it does then runs in a new transaction that is
-  rolled back at close unless the application commits it itself.
+  rolled back at close unless the application commits it itself. Such a late transaction of
+  a sync engine takes a pool slot again, held until it ends or the request does.
 * **closed** when the application returns, raises or is cancelled. Cleanup is shielded from
   cancellation; cleanup errors are reported, never raised over the application's own error.
 
@@ -20,6 +21,7 @@ decides how each call runs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import threading
 from collections.abc import Awaitable, Callable
@@ -101,8 +103,9 @@ class SessionSettings:
     in a task of its own: see :mod:`sessionscope.decision_gate`)."""
 
     def install_guard(self) -> None:
-        """Make sessions from these sources refuse to start a transaction once closed."""
-        for source in (self.source, self.replica):
+        """Make sessions from these sources refuse to start a transaction once closed, and
+        take a pool slot again for one begun after the decision (sources with slots)."""
+        for source, slots in ((self.source, self.slots), (self.replica, self.replica_slots)):
             if source is None:
                 continue
             target: Any = source.factory
@@ -110,6 +113,11 @@ class SessionSettings:
                 target = target.kw.get("sync_session_class") or target.class_.sync_session_class
             if not event.contains(target, "after_transaction_create", _refuse_if_closed):
                 event.listen(target, "after_transaction_create", _refuse_if_closed)
+            if slots is not None and not event.contains(
+                target, "after_transaction_create", _admit_late
+            ):
+                event.listen(target, "after_transaction_create", _admit_late)
+                event.listen(target, "after_transaction_end", _release_late)
 
     def refuse(self, matched: object) -> NoReturn:
         """Raise for a request that asks for its session after it finished (``matched``: its
@@ -179,19 +187,8 @@ class RequestSession(StatementTally):
         more thread (see :mod:`sessionscope.slots`).
         """
         slots = self.slots
-        if slots is not None and self.session is None and self._admitting():
-            try:
-                if slots.try_acquire():
-                    self.slot = slots
-                elif not _on_event_loop():
-                    try:
-                        anyio.from_thread.run(self._wait_for_slot, slots.acquire_lending_thread)
-                    except RuntimeError:
-                        pass  # not an AnyIO worker thread: the pool checkout itself will wait
-                    else:
-                        self.slot = slots
-            finally:
-                self.admitting = False
+        if slots is not None and self.session is None and self._admitting(_RUNNING):
+            self._admit_here(slots)
         with self.settings.create_lock:
             if self.session is None:
                 if self.phase is _CLOSED:
@@ -210,7 +207,7 @@ class RequestSession(StatementTally):
     async def open_async(self) -> AnySession:
         """The request's session, first waiting on the loop for a pool slot (sync engines)."""
         slots = self.slots
-        if slots is not None and self.session is None and self._admitting():
+        if slots is not None and self.session is None and self._admitting(_RUNNING):
             try:
                 if not slots.try_acquire():
                     await self._wait_for_slot(slots.acquire)
@@ -219,15 +216,56 @@ class RequestSession(StatementTally):
                 self.admitting = False
         return self.open()
 
-    def _admitting(self) -> bool:
+    def admit_late(self) -> None:
+        """Take a pool slot again for a transaction begun after the decision (a streaming body
+        using the session), from the thread beginning it; held until that transaction ends
+        (:meth:`release_late`) or the request does.
+
+        The decision gave the request's slot back with its connection. Without a slot again,
+        the late transaction's connection would not be counted: requests admitted in its place
+        would fill the threadpool waiting for it, and the stream would wait for a thread.
+        """
+        slots = self.slots
+        if slots is not None and self._admitting(_DECIDED):
+            self._admit_here(slots)
+
+    def release_late(self) -> None:
+        """Give the slot of a late transaction back when it ends (the application committed
+        or rolled it back, and its connection went back to the pool): on the loop, or from an
+        AnyIO worker thread through it; from any other thread, when the request ends."""
+        if threading.get_ident() == self.loop_thread:
+            self._release_slot()
+            return
+        # Not an AnyIO worker thread (RuntimeError): withdraw() gives it back at the end.
+        with contextlib.suppress(RuntimeError):
+            anyio.from_thread.run_sync(self._release_slot)
+
+    def _admitting(self, phase: Phase) -> bool:
         """Claim the admission of this request's session to a pool slot: ``False`` when it
-        holds one, is past its decision, or another thread or task is being admitted (two
+        holds one, is not in ``phase``, or another thread or task is being admitted (two
         first uses at once must not take two slots, one of which nobody would give back)."""
         with self.settings.create_lock:
-            if self.slot is not None or self.admitting or self.started:
+            if self.slot is not None or self.admitting or self.phase is not phase:
                 return False
             self.admitting = True
             return True
+
+    def _admit_here(self, slots: LoopSlots) -> None:
+        """Take a slot for the admission claimed (see :meth:`_admitting`), in this thread: at
+        once if one is free, else, in a worker thread, waiting on the event loop while the
+        threadpool has one more thread (see :mod:`sessionscope.slots`)."""
+        try:
+            if slots.try_acquire():
+                self.slot = slots
+            elif not _on_event_loop():
+                try:
+                    anyio.from_thread.run(self._wait_for_slot, slots.acquire_lending_thread)
+                except RuntimeError:
+                    pass  # not an AnyIO worker thread: the pool checkout itself will wait
+                else:
+                    self.slot = slots
+        finally:
+            self.admitting = False
 
     async def _wait_for_slot(self, acquire: Callable[[], Awaitable[None]]) -> None:
         """Wait for a pool slot with ``acquire``, counted as a pending checkout."""
@@ -494,6 +532,23 @@ def _undecided_reason(exc: BaseException | None) -> str:
     if exc is not None and isinstance(exc, anyio.get_cancelled_exc_class()):
         return oc.CANCELLED
     return oc.EXCEPTION
+
+
+def _admit_late(session: Session, transaction: Any) -> None:
+    request: RequestSession | None = session.info.get(REQUEST_KEY)
+    if request is not None and request.phase is _DECIDED and transaction.parent is None:
+        request.admit_late()
+
+
+def _release_late(session: Session, transaction: Any) -> None:
+    request: RequestSession | None = session.info.get(REQUEST_KEY)
+    if (
+        request is not None
+        and request.slot is not None
+        and request.phase is _DECIDED
+        and transaction.parent is None
+    ):
+        request.release_late()
 
 
 def _refuse_if_closed(session: Session, transaction: Any) -> None:

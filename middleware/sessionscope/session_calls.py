@@ -2,10 +2,11 @@
 
 Async sessions are awaited. Sync sessions never block the event loop: their commit, rollback
 and close run in a worker thread. Finalizing a session that already holds a connection never
-waits for the pool, so those calls get their own thread lane: they must not queue behind
-request threads that are themselves blocked on a pool checkout that only a finished request
-can satisfy (the threadpool/pool deadlock). A call that may need a checkout (a commit that
-still has to flush) uses the application's ordinary threadpool, like any endpoint.
+waits for the pool, so those calls run under a ``CapacityLimiter`` of their own (AnyIO worker
+threads, not the application's threadpool tokens): they must not queue behind request threads
+that are themselves blocked on a pool checkout that only a finished request can satisfy (the
+threadpool/pool deadlock). A call that may need a checkout (a commit that still has to flush)
+uses the application's ordinary threadpool, like any endpoint.
 """
 
 from __future__ import annotations
@@ -15,25 +16,27 @@ from typing import Any, cast
 
 import anyio
 import anyio.to_thread
+from anyio.lowlevel import RunVar
 from sqlalchemy.orm import Session
 
 from .source import AnySession, is_async_session
-from .thread_lane import ThreadLane
 
 FINALIZER_THREADS = 40
-"""Worker threads reserved for finalizing sync sessions that hold a connection."""
+"""Tokens of the finalizers' own limiter: at most this many worker threads finalize sync
+sessions that hold a connection at once, on one event loop."""
 
 
 class SessionCalls:
     """Runs ``commit``/``rollback``/``close``/``invalidate`` of request sessions."""
 
-    __slots__ = ("_lane", "is_async")
+    __slots__ = ("_finalizers", "is_async")
 
     def __init__(self, *, is_async: bool, name: str) -> None:
         self.is_async = is_async
         """Whether the sessions are ``AsyncSession`` (their calls are awaited on the loop)."""
-        # The finalizer threads: their own, so they never wait behind the threadpool.
-        self._lane = ThreadLane(FINALIZER_THREADS, f"sessionscope-finalizer-{name}")
+        # The finalizers' limiter: their own, so they never wait behind the threadpool. One per
+        # event loop: a CapacityLimiter belongs to the loop that made it.
+        self._finalizers: RunVar[anyio.CapacityLimiter] = RunVar(f"sessionscope_finalizers_{name}")
 
     async def call(self, session: AnySession, method: str, *, holds_connection: bool) -> None:
         """Run ``session.<method>()`` to completion, without blocking the event loop.
@@ -47,13 +50,26 @@ class SessionCalls:
                 await cast(Callable[[], Awaitable[Any]], bound)()
         elif holds_connection and ends_without_io(cast(Session, session)):
             bound()  # nothing to flush and no transaction open in the driver: no I/O to wait for
-        # A worker thread, once started, is waited for even when the caller is cancelled (the
-        # lane and anyio shield the wait). Before it starts, a cancellation stops the call
-        # cleanly: callers whose call must happen anyway (cleanup) shield it themselves.
+        # A worker thread, once started, is waited for even when the caller is cancelled (anyio
+        # shields the wait). Before it starts, a cancellation stops the call cleanly: callers
+        # whose call must happen anyway (cleanup) shield it themselves.
         elif holds_connection:
-            await self._lane.run(bound)
+            await self.finalize(bound)
         else:
             await anyio.to_thread.run_sync(bound)
+
+    async def finalize(self, func: Callable[[], Any]) -> Any:
+        """``func()`` in an AnyIO worker thread under the finalizers' own limiter, at most
+        :data:`FINALIZER_THREADS` at once on this event loop, whatever the threadpool holds."""
+        return await anyio.to_thread.run_sync(func, limiter=self._limiter())
+
+    def _limiter(self) -> anyio.CapacityLimiter:
+        try:
+            return self._finalizers.get()
+        except LookupError:
+            limiter = anyio.CapacityLimiter(FINALIZER_THREADS)
+            self._finalizers.set(limiter)
+            return limiter
 
 
 def ends_without_io(session: Session) -> bool:

@@ -14,13 +14,17 @@ while holding a thread of the threadpool:
   waits, so that the requests holding connections can still get a thread to finish.
 
 The slot is given back when the request transaction is decided (the connection is returned
-then) or the request ends. Waiters are served first come, first served.
+then) or the request ends. A transaction the session begins after the decision (a streaming
+body using it) takes a slot again, until it ends or the request does: every connection a
+request session holds is counted, so the requests admitted never wait in a thread for a
+connection that only a stream could give back. Waiters are served first come, first served.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import warnings
 from collections import deque
 
 import anyio
@@ -29,6 +33,8 @@ from anyio.lowlevel import RunVar
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.pool import QueuePool
+
+from . import _compat
 
 
 class LoopSlots:
@@ -125,11 +131,26 @@ class SessionSlots:
 
     @classmethod
     def for_engine(cls, engine: Engine, name: str) -> SessionSlots | None:
-        """Slots sized to a ``QueuePool``'s capacity; ``None`` for unbounded pools."""
+        """Slots sized to a ``QueuePool``'s capacity; ``None`` for unbounded pools.
+
+        Also ``None`` when the pool's ``max_overflow`` cannot be read (SQLAlchemy has no public
+        getter, see :func:`sessionscope._compat.max_overflow`): the pool is then treated as
+        unbounded, its sessions are not admitted to slots, and a full pool makes requests
+        wait in the pool checkout (the threadpool/pool deadlock is no longer prevented).
+        """
         pool = engine.pool
         if not isinstance(pool, QueuePool):
             return None
-        overflow = pool._max_overflow  # no public accessor; set by pool_size/max_overflow
+        overflow = _compat.max_overflow(pool)
+        if overflow is None:
+            warnings.warn(
+                f"sessionscope cannot read max_overflow of the pool of database {name!r} "
+                f"({type(pool).__name__}); its sync request sessions are not admitted to pool "
+                "slots, so requests waiting for a connection hold threadpool threads",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return None
         if overflow < 0:
             return None
         return cls(pool.size() + overflow, float(pool.timeout()), name)
