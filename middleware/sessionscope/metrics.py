@@ -5,11 +5,13 @@ namespace, so several middlewares (one per database) share them. ``Metrics.for_d
 resolves the label children of one database once; per-route children are resolved on a route's
 first request and cached, up to ``max_routes`` distinct routes, after which new routes are
 folded into ``__other__``. Nothing on the request path calls ``.labels()`` more than once per
-route and database, and what the request path updates is batched (:mod:`.metric_batch`).
+route and database. Every update goes through prometheus_client's public methods (``inc``,
+``dec``, ``set``, ``observe``).
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any, Final, cast
 
@@ -17,15 +19,21 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 
 from . import catalogue as cat
 from . import outcome as oc
-from .metric_batch import MetricBatch, multiprocess_mode
 from .session_totals import RouteTotals, SessionTotals
 
 OTHER_ROUTE: Final = "__other__"
 """The route label of routes beyond the cap on distinct routes."""
 DEFAULT_MAX_ROUTES: Final = 500
 _CACHE_ATTRIBUTE: Final = "_sessionscope_metrics"
+_MULTIPROC_ENV: Final = ("PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir")
 
 Family = Counter | Gauge | Histogram
+
+
+def multiprocess_mode() -> bool:
+    """Whether prometheus_client runs in multiprocess mode: the environment variable it reads
+    (``PROMETHEUS_MULTIPROC_DIR``) is set."""
+    return any(name in os.environ for name in _MULTIPROC_ENV)
 
 
 class Metrics:
@@ -34,9 +42,6 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry, namespace: str) -> None:
         self.registry = registry
         self.namespace = namespace
-        self.batch = MetricBatch(immediate=multiprocess_mode())
-        """Where the request path's updates wait for a scrape (registered before the families)."""
-        self.batch.register_flush(registry)
         self._families: dict[str, Family] = {
             m.name: _family(m, namespace, registry) for m in cat.CATALOGUE
         }
@@ -76,7 +81,6 @@ class RouteMetrics:
     def __init__(self, metrics: Metrics, db: str, route: str) -> None:
         closed = metrics[cat.SESSIONS_CLOSED]
         self.sessions = RouteTotals(
-            metrics.batch,
             {o: closed.labels(db, route, o) for o in oc.OUTCOMES},
             metrics[cat.SESSION_HELD].labels(db, route),
             metrics[cat.STATEMENTS].labels(db, route),
@@ -94,10 +98,8 @@ class DbMetrics:
         self.metrics = metrics
         self.db = db
         self.max_routes = max_routes
-        self.batch = batch = metrics.batch
         duration = metrics[cat.SESSION_DURATION]
         self.sessions = SessionTotals(
-            batch,
             open_gauge=metrics[cat.SESSIONS_OPEN].labels(db),
             duration={o: duration.labels(db, o) for o in oc.OUTCOMES},
             statements=metrics[cat.SESSION_STATEMENTS].labels(db),
@@ -105,7 +107,7 @@ class DbMetrics:
         )
         """Sessions open, and the duration, statement and commit histograms."""
         rollbacks = metrics[cat.SESSION_ROLLBACKS]
-        self.rollbacks = {r: batch.counter(rollbacks.labels(db, r)) for r in oc.ROLLBACK_REASONS}
+        self.rollbacks = {r: rollbacks.labels(db, r) for r in oc.ROLLBACK_REASONS}
         errors = metrics[cat.SESSION_ERRORS]
         self.errors = {(p, t): errors.labels(db, p, t) for p in oc.PHASES for t in cat.ERROR_TYPES}
         self.leak_suspected = metrics[cat.SESSIONS_LEAK_SUSPECTED].labels(db)
@@ -136,8 +138,8 @@ class DbMetrics:
         """Count a rollback; unknown reasons (a custom commit_on's status class) are created."""
         child = self.rollbacks.get(reason)
         if child is None:
-            child = self.rollbacks[reason] = self.batch.counter(
-                self.metrics[cat.SESSION_ROLLBACKS].labels(self.db, reason)
+            child = self.rollbacks[reason] = self.metrics[cat.SESSION_ROLLBACKS].labels(
+                self.db, reason
             )
         child.inc()
 
