@@ -41,7 +41,7 @@ from .policy import CommitPolicy, rollback_reason
 from .request_context import route_template
 from .request_state import RequestState
 from .responses import error_response
-from .session_calls import SessionCalls
+from .session_calls import SessionCalls, track_connections, transaction_connections
 from .slots import LoopSlots, SessionSlots
 from .source import AnySession, SessionSource
 from .statements import StatementTally
@@ -103,6 +103,7 @@ class SessionSettings:
                 target = target.kw.get("sync_session_class") or target.class_.sync_session_class
             if not event.contains(target, "after_transaction_create", _refuse_if_closed):
                 event.listen(target, "after_transaction_create", _refuse_if_closed)
+            track_connections(target)
 
     def refuse(self, matched: object) -> NoReturn:
         """Raise for a request that asks for its session after it finished (``matched``: its
@@ -136,6 +137,8 @@ class RequestSession(StatementTally):
     closed_at: float = 0.0
     commit_seconds: float | None = None
     """How long the decided commit took (reported with the close)."""
+    slot_timeout: PoolTimeoutError | None = None
+    """The admission's timeout, if it gave up waiting for a pool slot."""
 
     state: RequestState
     """The request's state, where the session is remembered once created (set by the
@@ -224,8 +227,9 @@ class RequestSession(StatementTally):
         started = perf_counter()
         try:
             await acquire()
-        except PoolTimeoutError:
+        except PoolTimeoutError as exc:
             reporter.slot_timeout(perf_counter() - started)
+            self.slot_timeout = exc  # counted: not again when the request answers 503
             raise
         finally:
             reporter.waiting(-1)
@@ -404,8 +408,8 @@ class RequestSession(StatementTally):
         """Whether the session's transaction has checked out a connection."""
         if self.session is None:
             return False
-        transaction = self._sync_session().get_transaction()
-        return transaction is not None and bool(getattr(transaction, "_connections", True))
+        connections = transaction_connections(self._sync_session())
+        return connections is None or bool(connections)
 
     async def _call(self, method: str) -> None:
         session = self.session
