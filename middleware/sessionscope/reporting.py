@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import traceback
-from time import perf_counter
 from typing import TYPE_CHECKING, Any, Final
 
 import structlog
@@ -131,7 +130,13 @@ class Reporter:
         self._log.warning("db_session.use_after_close", db=db, route=route, where=_caller_stack())
 
     def pool_timeout(self, rs: RequestSession, exc: PoolTimeoutError) -> None:
-        """A pool checkout timed out before the response started: the client gets 503."""
+        """A pool checkout timed out before the response started: the client gets 503.
+
+        A timeout of the pool itself (not of the admission, counted already) is counted and
+        logged here, as having waited the pool's timeout: SQLAlchemy has no public hook at the
+        start of a checkout to time it by."""
+        if self.pool is not None and exc is not rs.slot_timeout:
+            self.pool.record_pool_timeout()
         self._log.warning(
             "db_session.pool_timeout", status=503, error_type="TimeoutError", **self.fields(rs)
         )
@@ -175,7 +180,6 @@ class Reporter:
         if self.metrics is not None:
             self.metrics.leak_suspected.set(over_threshold)
             self.metrics.oldest_age.set(oldest_age)
-            self.metrics.batch.flush_due(perf_counter())
         if self.pool is not None and self.pool.multiprocess:
             self.pool.refresh()  # no scrape-time reads across processes: resynchronise here
 
@@ -196,8 +200,6 @@ class Reporter:
                 rs.statements,
                 rs.commit_seconds,
             )
-            if rs.closed_at >= metrics.batch.flush_at:
-                metrics.batch.flush()
         if self.leaks is not None:
             entry = self.leaks.remove(rs)
             if entry is not None and entry.flagged:
