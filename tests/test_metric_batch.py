@@ -133,3 +133,66 @@ def test_session_closes_from_many_threads_at_once_are_all_counted() -> None:
         8_000 * 0.0005 + 8_000 * 0.5
     )
     assert value("sessions_open") == 0
+
+
+BUCKETS = (0, 0.001, 0.005, 0.25, 1.0, 60.0)
+VALUES = (0, 0.0004, 0.001, 0.0010001, 0.3, 1.0, 59.9, 60.0, 61.0, 1e9, -2.0, 0.25)
+
+
+def test_a_counted_histogram_scrapes_exactly_like_prometheus_clients_histogram() -> None:
+    from prometheus_client.openmetrics.exposition import generate_latest as openmetrics
+
+    own, counted = CollectorRegistry(), CollectorRegistry()
+    histogram = Histogram("h_seconds", "h", ["db", "outcome"], buckets=BUCKETS, registry=own)
+    ours = metrics_module.CountedHistogram(
+        "h_seconds", "h", ["db", "outcome"], BUCKETS, registry=counted
+    )
+    for value in VALUES:
+        histogram.labels("a", "commit").observe(value)
+        ours.labels("a", "commit").observe(value)
+    histogram.labels("a", "rollback")  # a child that never observed anything
+    ours.labels("a", "rollback")
+
+    def lines(text: bytes) -> list[str]:
+        return [line for line in text.decode().splitlines() if "_created" not in line]
+
+    assert lines(generate_latest(counted)) == lines(generate_latest(own))
+    assert lines(openmetrics(counted)) == lines(openmetrics(own))
+    created = [line for line in generate_latest(counted).decode().splitlines()]
+    assert sum(line.startswith("h_seconds_created{") for line in created) == 2
+    assert counted.get_sample_value("h_seconds_count", {"db": "a", "outcome": "commit"}) == 12
+    with pytest.raises(ValueError, match="Duplicated timeseries"):
+        Histogram("h_seconds", "again", registry=counted)  # its names are claimed
+    with pytest.raises(ValueError, match="expected labels"):
+        ours.labels("a")
+
+
+def test_a_counted_histogram_counts_every_observation_from_many_threads() -> None:
+    registry = CollectorRegistry()
+    child = metrics_module.CountedHistogram("h", "h", [], BUCKETS, registry=registry).labels()
+    start = threading.Barrier(8)
+
+    def work() -> None:
+        start.wait()
+        for i in range(5_000):
+            child.observe(0.0005 if i % 2 else 0.5)
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert registry.get_sample_value("h_count") == 40_000
+    assert registry.get_sample_value("h_bucket", {"le": "0.001"}) == 20_000
+    assert registry.get_sample_value("h_sum") == pytest.approx(20_000 * 0.0005 + 20_000 * 0.5)
+
+
+def test_in_multiprocess_mode_the_histograms_are_prometheus_clients_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "/nonexistent-not-written")
+    metrics = metrics_module.Metrics.on(CollectorRegistry())
+    assert isinstance(metrics[cat.SESSION_DURATION], Histogram)
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR")
+    metrics = metrics_module.Metrics.on(CollectorRegistry())
+    assert isinstance(metrics[cat.SESSION_DURATION], metrics_module.CountedHistogram)
