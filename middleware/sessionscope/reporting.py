@@ -135,8 +135,11 @@ class Reporter:
         A timeout of the pool itself (not of the admission, counted already) is counted and
         logged here, as having waited the pool's timeout: SQLAlchemy has no public hook at the
         start of a checkout to time it by."""
-        if self.pool is not None and exc is not rs.slot_timeout:
-            self.pool.record_pool_timeout()
+        if exc is not rs.slot_timeout:
+            if self.pool is not None:
+                self.pool.record_pool_timeout()
+            elif self.metrics is not None:
+                self.metrics.pool_timeouts.inc()
         self._log.warning(
             "db_session.pool_timeout", status=503, error_type="TimeoutError", **self.fields(rs)
         )
