@@ -187,12 +187,37 @@ def test_a_counted_histogram_counts_every_observation_from_many_threads() -> Non
     assert registry.get_sample_value("h_sum") == pytest.approx(20_000 * 0.0005 + 20_000 * 0.5)
 
 
-def test_in_multiprocess_mode_the_histograms_are_prometheus_clients_own(
+def test_in_multiprocess_mode_counters_and_histograms_are_prometheus_clients_own(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "/nonexistent-not-written")
     metrics = metrics_module.Metrics.on(CollectorRegistry())
     assert isinstance(metrics[cat.SESSION_DURATION], Histogram)
+    assert isinstance(metrics[cat.SESSIONS_CLOSED], Counter)
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR")
     metrics = metrics_module.Metrics.on(CollectorRegistry())
     assert isinstance(metrics[cat.SESSION_DURATION], metrics_module.CountedHistogram)
+    assert isinstance(metrics[cat.SESSIONS_CLOSED], metrics_module.CountedCounter)
+
+
+def test_a_counted_counter_scrapes_exactly_like_prometheus_clients_counter() -> None:
+    from prometheus_client.openmetrics.exposition import generate_latest as openmetrics
+
+    own, counted = CollectorRegistry(), CollectorRegistry()
+    counter = Counter("c_total", "c", ["db"], registry=own)
+    ours = metrics_module.CountedCounter("c_total", "c", ["db"], registry=counted)
+    for value in (1, 2.5, 0, 3):
+        counter.labels("a").inc(value)
+        ours.labels("a").inc(value)
+    counter.labels("b")
+    ours.labels("b")
+
+    def lines(text: bytes) -> list[str]:
+        return [line for line in text.decode().splitlines() if "_created" not in line]
+
+    assert lines(generate_latest(counted)) == lines(generate_latest(own))
+    assert lines(openmetrics(counted)) == lines(openmetrics(own))
+    assert counted.get_sample_value("c_total", {"db": "a"}) == 6.5
+    with pytest.raises(ValueError, match="non-negative"):
+        ours.labels("a").inc(-1)
+    assert counted.get_sample_value("c_total", {"db": "a"}) == 6.5

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final, cast
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.metrics_core import HistogramMetricFamily, Metric
+from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
@@ -257,14 +257,79 @@ class HistogramChild:
             return list(self._counts), self._total, self._created
 
 
-Family = Counter | Gauge | Histogram | CountedHistogram
+class CountedCounter(Collector):
+    """A counter family that keeps its values as plain numbers and exports them through
+    prometheus_client's public collector interface, with the same samples as a ``Counter``;
+    in a single process only (see :class:`CountedHistogram`)."""
+
+    def __init__(
+        self, name: str, documentation: str, labelnames: Sequence[str], registry: CollectorRegistry
+    ) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._labelnames = tuple(labelnames)
+        self._children: dict[tuple[str, ...], CounterChild] = {}
+        self._lock = threading.Lock()
+        self._created = os.environ.get(_CREATED_OFF_ENV, "false").lower() != "true"
+        registry.register(self)
+
+    def labels(self, *values: str) -> CounterChild:
+        """The child of the label ``values`` (in the order of the label names)."""
+        key = tuple(str(v) for v in values)
+        if len(key) != len(self._labelnames):
+            raise ValueError(f"{self._name}: expected labels {self._labelnames}, got {key}")
+        with self._lock:
+            child = self._children.get(key)
+            if child is None:
+                child = self._children[key] = CounterChild()
+            return child
+
+    def describe(self) -> Iterable[Metric]:
+        return [CounterMetricFamily(self._name, self._documentation, labels=self._labelnames)]
+
+    def collect(self) -> Iterable[Metric]:
+        family = CounterMetricFamily(self._name, self._documentation, labels=self._labelnames)
+        with self._lock:
+            children = list(self._children.items())
+        for key, child in children:
+            value, created = child.read()
+            family.add_metric(list(key), value, created=created if self._created else None)
+        return [family]
+
+
+class CounterChild:
+    """One label set's count."""
+
+    __slots__ = ("_created", "_lock", "_value")
+
+    def __init__(self) -> None:
+        self._value = 0.0
+        self._created = time.time()
+        self._lock = threading.Lock()
+
+    def inc(self, amount: float = 1) -> None:
+        """Add ``amount`` (not negative, as for prometheus_client's ``Counter``)."""
+        if amount < 0:
+            raise ValueError("Counters can only be incremented by non-negative amounts.")
+        with self._lock:
+            self._value += amount
+
+    def read(self) -> tuple[float, float]:
+        """The value and the creation time."""
+        with self._lock:
+            return self._value, self._created
+
+
+Family = Counter | Gauge | Histogram | CountedHistogram | CountedCounter
 
 
 def _family(metric: cat.Metric, namespace: str, registry: CollectorRegistry) -> Family:
     labels = metric.all_labels
     name = f"{namespace}_{metric.name}"
     if metric.kind == "counter":
-        return Counter(name, metric.help, labels, registry=registry)
+        if multiprocess_mode():
+            return Counter(name, metric.help, labels, registry=registry)
+        return CountedCounter(name, metric.help, labels, registry)
     if metric.kind == "gauge":
         return Gauge(
             name,
