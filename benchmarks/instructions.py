@@ -10,8 +10,8 @@ move that figure by about 1 %, so it is counted under several seeds and averaged
 
 Held still for the count: garbage collection (frozen, then disabled after the warm-up, so a
 collection landing in one batch and not the other does not count as the request's), and the
-work the middleware does per wall-clock second (the once-a-second metric flush and structlog
-level check, the leak sweep): under valgrind a second lasts ~50 times fewer requests, which
+work the middleware does per wall-clock second (the once-a-second structlog level check, the
+leak sweep): under valgrind a second lasts ~50 times fewer requests, which
 would inflate its share fifty-fold. At full speed that work is spread over thousands of
 requests a second.
 
@@ -252,9 +252,8 @@ def _per_request(
 
 def _hold_still() -> None:
     """No work per wall-clock second during the count (see the module docstring)."""
-    from sessionscope import leaks, metric_batch, reporting
+    from sessionscope import leaks, reporting
 
-    metric_batch.MetricBatch.__init__.__kwdefaults__["interval"] = float("inf")
     reporting.LEVEL_RECHECK = float("inf")  # type: ignore[misc]
     leaks.LeakRegistry._start = lambda self: None  # type: ignore[method-assign]
 

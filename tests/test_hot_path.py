@@ -61,7 +61,7 @@ async def test_the_middleware_adds_no_connection_level_listener_to_the_engine(
         assert sync_engine._has_events is False
         # not the dialect's set-up queries on the engine's first connection
         assert value(registry, "db_statements_total", route="__unmatched__") == 2
-        assert value(registry, "db_pool_wait_seconds_count") == 1  # pool metrics measured
+        assert value(registry, "db_pool_use_seconds_count") == 1  # pool metrics measured
         assert sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
     finally:
         if isinstance(engine, AsyncEngine):
@@ -102,52 +102,3 @@ async def test_a_users_own_statement_listeners_still_see_every_statement(
     assert "INSERT" in seen
     assert "SELECT" in seen
     assert backend.names() == ["row-0", "row-1"]
-
-
-async def test_aiosqlite_requests_make_no_round_trip_for_a_commit_or_rollback_sqlite_would_skip(
-    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # aiosqlite runs every call on its own thread. After reads SQLite has no transaction open,
-    # so the commit, and the rollback the pool makes on return, would change nothing.
-    import aiosqlite.core
-
-    engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'trips.sqlite'}")
-    async with engine.begin() as conn:
-        await conn.run_sync(items.metadata.create_all)
-    trips: list[str] = []
-    real = aiosqlite.core.Connection._execute
-
-    async def counting(self: Any, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        trips.append(getattr(fn, "__name__", ""))
-        return await real(self, fn, *args, **kwargs)
-
-    monkeypatch.setattr(aiosqlite.core.Connection, "_execute", counting)
-
-    def app(status: int, name: str | None) -> Any:
-        async def handle(scope: Any, receive: Any, send: Any) -> None:
-            session = scope["state"]["db"]
-            if name is not None:
-                await session.execute(items.insert().values(name=name))
-            await session.execute(sa.select(items.c.name))
-            await send({"type": "http.response.start", "status": status})
-            await send({"type": "http.response.body"})
-
-        return DBSessionMiddleware(handle, engine=engine, metrics=False)
-
-    async def names() -> list[str]:
-        async with engine.connect() as conn:
-            return list((await conn.execute(sa.select(items.c.name))).scalars())
-
-    try:
-        for status, name, commits, rollbacks in (
-            (200, None, 0, 0),  # reads only: neither trip
-            (201, "kept", 1, 0),  # a real commit; nothing left to roll back on return
-            (409, "dropped", 0, 1),  # a real rollback; nothing left on return
-        ):
-            trips.clear()
-            assert (await request(app(status, name))).status == status
-            assert (trips.count("commit"), trips.count("rollback")) == (commits, rollbacks)
-        assert await names() == ["kept"]
-        assert engine.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
-    finally:
-        await engine.dispose()

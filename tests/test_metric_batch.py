@@ -1,18 +1,24 @@
-"""Batched metric updates: what a scrape sees is what prometheus_client's own updates give."""
+"""A session's open and close, as the metrics show them: the same samples as prometheus_client's
+own updates of each series, from any number of threads, in and out of multiprocess mode."""
 
 from __future__ import annotations
 
 import threading
-import time
-from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from sessionscope.metric_batch import MetricBatch
+from sessionscope import catalogue as cat
+from sessionscope import metrics as metrics_module
 
-BUCKETS = (0, 0.001, 0.005, 0.25, 1.0, 60.0)
-VALUES = (0, 0.0004, 0.001, 0.0010001, 0.3, 1.0, 59.9, 60.0, 61.0, 1e9, -2.0, 0.25)
+CLOSES = [
+    ("/a", "commit", 0.004, 2, 0.0009),
+    ("/a", "rollback", 0.02, 1, None),
+    ("/b/{id}", "unused", 0.0001, 0, None),
+    ("/b/{id}", "commit", 61.0, 1000, 11.0),  # past the last finite buckets
+    ("/a", "commit", 0.005, 3, 0.001),  # exactly on bucket bounds
+    ("/task", "commit", 0.3, None, None),  # a per-task session: statements not counted
+]
 
 
 def exposition(registry: CollectorRegistry) -> list[str]:
@@ -24,160 +30,194 @@ def exposition(registry: CollectorRegistry) -> list[str]:
     ]
 
 
-def batched(interval: float = 3600.0) -> tuple[CollectorRegistry, MetricBatch]:
-    registry = CollectorRegistry()
-    batch = MetricBatch(interval=interval)
-    batch.register_flush(registry)
-    return registry, batch
+def by_hand(registry: CollectorRegistry) -> None:
+    """What the closes of CLOSES must show, written with prometheus_client's own calls."""
+    ns = cat.DEFAULT_NAMESPACE
+    families = {m.name: m for m in cat.CATALOGUE}
 
-
-def test_batched_histograms_counters_and_gauges_scrape_exactly_like_direct_updates() -> None:
-    direct = CollectorRegistry()
-    registry, batch = batched()
-    children: list[tuple[Any, Any]] = []
-    for reg in (direct, registry):
-        children.append(
-            (
-                Histogram("h_seconds", "h", ["db"], buckets=BUCKETS, registry=reg).labels("a"),
-                Counter("c", "c", ["db"], registry=reg).labels("a"),
-            )
+    def histogram(metric: cat.Metric, labels: list[str]) -> Histogram:
+        return Histogram(
+            f"{ns}_{metric.name}", metric.help, labels, registry=registry, buckets=metric.buckets
         )
-    gauges = [Gauge("g", "g", ["db"], registry=reg).labels("a") for reg in (direct, registry)]
-    (h_direct, c_direct), (h_child, c_child) = children
-    h_batched, c_batched, g_batched = (
-        batch.histogram(h_child),
-        batch.counter(c_child),
-        batch.counter(gauges[1]),
+
+    opened = Gauge(f"{ns}_{cat.SESSIONS_OPEN.name}", "", ["db"], registry=registry)
+    closed = Counter(
+        f"{ns}_{cat.SESSIONS_CLOSED.name}", "", ["db", "route", "outcome"], registry=registry
     )
-    for v in VALUES:
-        h_direct.observe(v)
-        c_direct.inc(abs(v))
-        gauges[0].inc(v)
-        h_batched.observe(v)
-        c_batched.inc(abs(v))
-        g_batched.inc(v)
-    gauges[0].inc(-3)
-    g_batched.inc(-3)
-    c_direct.inc(2)
-    c_batched.inc(2)
-    h_direct.observe(0.002)
-    with batch.lock:
-        h_batched.observe_held(0.002)
-
-    assert exposition(registry) == exposition(direct)
-    assert 'h_seconds_bucket{db="a",le="+Inf"} 13.0' in exposition(registry)
-    # A second scrape adds nothing that was already written.
-    assert exposition(registry) == exposition(direct)
+    held = Counter(f"{ns}_{cat.SESSION_HELD.name}", "", ["db", "route"], registry=registry)
+    statements = Counter(f"{ns}_{cat.STATEMENTS.name}", "", ["db", "route"], registry=registry)
+    duration = histogram(families[cat.SESSION_DURATION.name], ["db", "outcome"])
+    per_session = histogram(families[cat.SESSION_STATEMENTS.name], ["db"])
+    commit = histogram(families[cat.SESSION_COMMIT_DURATION.name], ["db"])
+    opened.labels("default").inc(7)
+    for route, outcome, seconds, count, commit_seconds in CLOSES:
+        closed.labels("default", route, outcome).inc()
+        held.labels("default", route).inc(seconds)
+        duration.labels("default", outcome).observe(seconds)
+        if count is not None:
+            if count:
+                statements.labels("default", route).inc(count)
+            per_session.labels("default").observe(count)
+        if commit_seconds is not None:
+            commit.labels("default").observe(commit_seconds)
+        opened.labels("default").dec()
 
 
-def test_a_scrape_sees_every_update_made_before_it_without_waiting_for_the_interval() -> None:
-    registry, batch = batched(interval=3600.0)
-    counter = batch.counter(Counter("c", "c", registry=registry))
-    counter.inc()
-    counter.inc(2)
-    assert registry.get_sample_value("c_total") == 3.0
-    counter.inc()
-    assert registry.get_sample_value("c_total") == 4.0
+def session_lines(registry: CollectorRegistry) -> list[str]:
+    names = (
+        "sessions_open",
+        "sessions_closed_total",
+        "session_held_seconds_total",
+        "statements_total",
+        "session_duration_seconds",
+        "session_statements",
+        "session_commit_duration_seconds",
+    )
+    return sorted(
+        line
+        for line in exposition(registry)
+        if any(line.startswith(f"{cat.DEFAULT_NAMESPACE}_{n}") for n in names)
+        and ('db="default"' in line)
+        # series that exist in one registry only at 0 (children created up front)
+        and not line.endswith(" 0.0")
+    )
 
 
-def test_updates_from_many_threads_at_once_are_all_counted() -> None:
-    registry, batch = batched()
-    counter = batch.counter(Counter("c", "c", registry=registry))
-    histogram = batch.histogram(Histogram("h", "h", buckets=BUCKETS, registry=registry))
+@pytest.mark.parametrize("multiprocess", [False, True])
+def test_session_opens_and_closes_scrape_exactly_like_prometheus_clients_own_updates(
+    monkeypatch: pytest.MonkeyPatch, multiprocess: bool
+) -> None:
+    if multiprocess:
+        monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "/nonexistent-not-written")
+    assert metrics_module.multiprocess_mode() is multiprocess
+    registry = CollectorRegistry()
+    db = metrics_module.Metrics.on(registry).for_db("default")
+    for _ in range(7):
+        db.sessions.opened()
+    for route, outcome, seconds, statements, commit in CLOSES:
+        db.sessions.closed(db.route(route).sessions, outcome, seconds, statements, commit)
+    expected = CollectorRegistry()
+    by_hand(expected)
+
+    assert session_lines(registry) == session_lines(expected)
+    scraped = exposition(registry)
+    assert 'db_sessions_open{db="default"} 1.0' in scraped
+    assert 'db_statements_total{db="default",route="/a"} 6.0' in scraped
+
+
+def test_session_closes_from_many_threads_at_once_are_all_counted() -> None:
+    registry = CollectorRegistry()
+    db = metrics_module.Metrics.on(registry).for_db("default")
+    route = db.route("/r").sessions
     start = threading.Barrier(8)
 
     def work() -> None:
         start.wait()
-        for i in range(5_000):
-            counter.inc()
-            histogram.observe(0.0005 if i % 2 else 0.5)
-            if i % 1000 == 0:
-                batch.flush()  # flushes racing with updates lose nothing either
+        for i in range(2_000):
+            db.sessions.opened()
+            db.sessions.closed(route, "commit", 0.0005 if i % 2 else 0.5, 1, None)
 
     threads = [threading.Thread(target=work) for _ in range(8)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert registry.get_sample_value("c_total") == 40_000
+
+    def value(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(f"db_{name}", {"db": "default", **labels})
+
+    assert value("sessions_closed_total", route="/r", outcome="commit") == 16_000
+    assert value("statements_total", route="/r") == 16_000
+    assert value("session_duration_seconds_count", outcome="commit") == 16_000
+    assert value("session_duration_seconds_sum", outcome="commit") == pytest.approx(
+        8_000 * 0.0005 + 8_000 * 0.5
+    )
+    assert value("sessions_open") == 0
+
+
+BUCKETS = (0, 0.001, 0.005, 0.25, 1.0, 60.0)
+VALUES = (0, 0.0004, 0.001, 0.0010001, 0.3, 1.0, 59.9, 60.0, 61.0, 1e9, -2.0, 0.25)
+
+
+def test_a_counted_histogram_scrapes_exactly_like_prometheus_clients_histogram() -> None:
+    from prometheus_client.openmetrics.exposition import generate_latest as openmetrics
+
+    own, counted = CollectorRegistry(), CollectorRegistry()
+    histogram = Histogram("h_seconds", "h", ["db", "outcome"], buckets=BUCKETS, registry=own)
+    ours = metrics_module.CountedHistogram(
+        "h_seconds", "h", ["db", "outcome"], BUCKETS, registry=counted
+    )
+    for value in VALUES:
+        histogram.labels("a", "commit").observe(value)
+        ours.labels("a", "commit").observe(value)
+    histogram.labels("a", "rollback")  # a child that never observed anything
+    ours.labels("a", "rollback")
+
+    def lines(text: bytes) -> list[str]:
+        return [line for line in text.decode().splitlines() if "_created" not in line]
+
+    assert lines(generate_latest(counted)) == lines(generate_latest(own))
+    assert lines(openmetrics(counted)) == lines(openmetrics(own))
+    created = [line for line in generate_latest(counted).decode().splitlines()]
+    assert sum(line.startswith("h_seconds_created{") for line in created) == 2
+    assert counted.get_sample_value("h_seconds_count", {"db": "a", "outcome": "commit"}) == 12
+    with pytest.raises(ValueError, match="Duplicated timeseries"):
+        Histogram("h_seconds", "again", registry=counted)  # its names are claimed
+    with pytest.raises(ValueError, match="expected labels"):
+        ours.labels("a")
+
+
+def test_a_counted_histogram_counts_every_observation_from_many_threads() -> None:
+    registry = CollectorRegistry()
+    child = metrics_module.CountedHistogram("h", "h", [], BUCKETS, registry=registry).labels()
+    start = threading.Barrier(8)
+
+    def work() -> None:
+        start.wait()
+        for i in range(5_000):
+            child.observe(0.0005 if i % 2 else 0.5)
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
     assert registry.get_sample_value("h_count") == 40_000
     assert registry.get_sample_value("h_bucket", {"le": "0.001"}) == 20_000
     assert registry.get_sample_value("h_sum") == pytest.approx(20_000 * 0.0005 + 20_000 * 0.5)
 
 
-def test_a_scrape_that_skips_the_flush_sees_updates_once_the_interval_has_passed() -> None:
-    registry, batch = batched(interval=0.05)
-    counter = batch.counter(Counter("c", "c", registry=registry))
-    filtered = registry.restricted_registry(["c_total"])  # a `name[]=` scrape
-    counter.inc()
-    batch.flush_due(time.perf_counter())  # not due yet: the last flush was just now
-    assert _filtered_value(filtered) == 0.0
-    time.sleep(0.06)
-    batch.flush_due(time.perf_counter())
-    assert _filtered_value(filtered) == 1.0
-
-
-def test_in_multiprocess_mode_every_update_is_written_at_once() -> None:
-    registry = CollectorRegistry()  # no flush registered: nothing may be held back
-    batch = MetricBatch(immediate=True)
-    counter = batch.counter(Counter("c", "c", registry=registry))
-    histogram = batch.histogram(Histogram("h", "h", buckets=BUCKETS, registry=registry))
-    counter.inc()
-    histogram.observe(0.3)
-    counter.inc()
-    with batch.lock:
-        histogram.observe_held(0.3)
-    assert registry.get_sample_value("c_total") == 2.0
-    assert registry.get_sample_value("h_count") == 2.0
-
-
-def test_a_histogram_child_of_another_shape_is_observed_directly() -> None:
-    observed: list[float] = []
-
-    class Unusual:
-        def observe(self, amount: float) -> None:
-            observed.append(amount)
-
-    _, batch = batched()
-    histogram = batch.histogram(Unusual())
-    histogram.observe(0.5)
-    with batch.lock:
-        histogram.observe_held(1.5)
-    assert observed == [0.5, 1.5]
-
-
-def _filtered_value(filtered: Any) -> float:
-    for family in filtered.collect():
-        for sample in family.samples:
-            if sample.name == "c_total":
-                return float(sample.value)
-    return 0.0
-
-
-def test_session_opens_and_closes_counted_in_bulk_scrape_exactly_like_direct_updates(
+def test_in_multiprocess_mode_counters_and_histograms_are_prometheus_clients_own(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from sessionscope import metrics as metrics_module
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "/nonexistent-not-written")
+    metrics = metrics_module.Metrics.on(CollectorRegistry())
+    assert isinstance(metrics[cat.SESSION_DURATION], Histogram)
+    assert isinstance(metrics[cat.SESSIONS_CLOSED], Counter)
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR")
+    metrics = metrics_module.Metrics.on(CollectorRegistry())
+    assert isinstance(metrics[cat.SESSION_DURATION], metrics_module.CountedHistogram)
+    assert isinstance(metrics[cat.SESSIONS_CLOSED], metrics_module.CountedCounter)
 
-    closes = [
-        ("/a", "commit", 0.004, 2, 0.0009),
-        ("/a", "rollback", 0.02, 1, None),
-        ("/b/{id}", "unused", 0.0001, 0, None),
-        ("/b/{id}", "commit", 61.0, 1000, 11.0),  # past the last finite buckets
-        ("/a", "commit", 0.005, 3, 0.001),  # exactly on bucket bounds
-        ("/task", "commit", 0.3, None, None),  # a per-task session: statements not counted
-    ]
-    scraped = []
-    for direct in (True, False):
-        monkeypatch.setattr(metrics_module, "multiprocess_mode", lambda direct=direct: direct)
-        registry = CollectorRegistry()
-        db = metrics_module.Metrics.on(registry).for_db("default")
-        assert db.sessions.direct is direct
-        for _ in range(7):
-            db.sessions.opened()
-        for route, outcome, seconds, statements, commit in closes:
-            db.sessions.closed(db.route(route).sessions, outcome, seconds, statements, commit)
-        scraped.append(exposition(registry))
-    assert scraped[0] == scraped[1]
-    assert 'db_sessions_open{db="default"} 1.0' in scraped[1]
-    assert 'db_statements_total{db="default",route="/a"} 6.0' in scraped[1]
+
+def test_a_counted_counter_scrapes_exactly_like_prometheus_clients_counter() -> None:
+    from prometheus_client.openmetrics.exposition import generate_latest as openmetrics
+
+    own, counted = CollectorRegistry(), CollectorRegistry()
+    counter = Counter("c_total", "c", ["db"], registry=own)
+    ours = metrics_module.CountedCounter("c_total", "c", ["db"], registry=counted)
+    for value in (1, 2.5, 0, 3):
+        counter.labels("a").inc(value)
+        ours.labels("a").inc(value)
+    counter.labels("b")
+    ours.labels("b")
+
+    def lines(text: bytes) -> list[str]:
+        return [line for line in text.decode().splitlines() if "_created" not in line]
+
+    assert lines(generate_latest(counted)) == lines(generate_latest(own))
+    assert lines(openmetrics(counted)) == lines(openmetrics(own))
+    assert counted.get_sample_value("c_total", {"db": "a"}) == 6.5
+    with pytest.raises(ValueError, match="non-negative"):
+        ours.labels("a").inc(-1)
+    assert counted.get_sample_value("c_total", {"db": "a"}) == 6.5

@@ -120,7 +120,7 @@ async def test_the_namespace_option_prefixes_every_exported_metric(backend: Back
     assert value(registry, "shop_leak_threshold_seconds") == 60
     assert value(registry, "shop_pool_connections_max") == 15  # SQLAlchemy's 5 + 10
     assert value(registry, "shop_pool_connections", state="used") == backend.checkedout() == 0
-    assert value(registry, "shop_pool_wait_seconds_count") >= 2
+    assert value(registry, "shop_pool_use_seconds_count") >= 2
     # Every family is exported under the namespace, and nothing under the default one.
     text = generate_latest(registry).decode()
     helped = {line.split()[2] for line in text.splitlines() if line.startswith("# HELP ")}

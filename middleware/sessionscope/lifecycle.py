@@ -45,7 +45,7 @@ from .policy import CommitPolicy, rollback_reason
 from .request_context import route_template
 from .request_state import RequestState
 from .responses import error_response
-from .session_calls import SessionCalls
+from .session_calls import SessionCalls, track_connections, transaction_connections
 from .slots import LoopSlots, SessionSlots
 from .source import AnySession, SessionSource
 from .statements import StatementTally
@@ -118,6 +118,7 @@ class SessionSettings:
             ):
                 event.listen(target, "after_transaction_create", _admit_late)
                 event.listen(target, "after_transaction_end", _release_late)
+            track_connections(target)
 
     def refuse(self, matched: object) -> NoReturn:
         """Raise for a request that asks for its session after it finished (``matched``: its
@@ -153,6 +154,8 @@ class RequestSession(StatementTally):
     """How long the decided commit took (reported with the close)."""
     gate: DecisionGate | None = None
     """Keeps statements and the decision apart (``settings.gated`` only)."""
+    slot_timeout: PoolTimeoutError | None = None
+    """The admission's timeout, if it gave up waiting for a pool slot."""
 
     state: RequestState
     """The request's state, where the session is remembered once created (set by the
@@ -274,8 +277,9 @@ class RequestSession(StatementTally):
         started = perf_counter()
         try:
             await acquire()
-        except PoolTimeoutError:
+        except PoolTimeoutError as exc:
             reporter.slot_timeout(perf_counter() - started)
+            self.slot_timeout = exc  # counted: not again when the request answers 503
             raise
         finally:
             reporter.waiting(-1)
@@ -461,8 +465,8 @@ class RequestSession(StatementTally):
         """Whether the session's transaction has checked out a connection."""
         if self.session is None:
             return False
-        transaction = self._sync_session().get_transaction()
-        return transaction is not None and bool(getattr(transaction, "_connections", True))
+        connections = transaction_connections(self._sync_session())
+        return connections is None or bool(connections)
 
     async def _call(self, method: str) -> None:
         session = self.session

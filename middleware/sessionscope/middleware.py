@@ -15,7 +15,7 @@ from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.middleware.gzip import GZipMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from . import aiosqlite_idle, statements
+from . import statements
 from .catalogue import DEFAULT_NAMESPACE
 from .errors import ConfigurationError, MiddlewareOrderWarning, concurrent_use
 from .leaks import LeakRegistry
@@ -197,7 +197,6 @@ class DBSessionMiddleware:
         for each in (source, replica):
             if each is not None and each.engine is not None:
                 statements.install(each.engine)
-                aiosqlite_idle.install(each.engine)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in self.exclude_paths:

@@ -8,42 +8,41 @@
   they are read at scrape time. Under ``PROMETHEUS_MULTIPROC_DIR`` scrape-time functions do not
   work, so checkout and checkin events write them and :meth:`PoolInstruments.refresh`, called by a
   periodic sweep, resynchronises them. Pools without that state (``NullPool``, ``StaticPool``,
-  ``SingletonThreadPool``, ``AssertionPool``) export none of these gauges.
-* **checkout** ``pool_pending_requests``, ``pool_wait_seconds`` (successful and timed-out
-  checkouts) and ``pool_timeouts_total``, measured by wrapping the pool's public ``connect()``,
-  through which every Core and ORM checkout goes. A timeout also logs a ``db_pool.timeout``
-  error event with the pool's state; the exception is re-raised unchanged.
-* **connection churn** ``pool_use_seconds`` (from the ``connect()`` wrapper to the ``checkin``
+  ``SingletonThreadPool``, ``AssertionPool``) export none of these gauges, and a pool whose
+  ``max_overflow`` cannot be read (:mod:`._compat`) exports no ``pool_connections_max``.
+* **waiting for a connection** ``pool_pending_requests``, ``pool_wait_seconds`` and
+  ``pool_timeouts_total``: SQLAlchemy has no public hook at the start of a checkout, so these
+  count what sessionscope itself waits for before it lets a request check out (the admission of
+  :mod:`.slots`, through :meth:`PoolInstruments.observe_wait` and
+  :meth:`PoolInstruments.record_timeout`, which also logs a ``db_pool.timeout`` error event with
+  the pool's state). A checkout that waits inside the pool itself is not measured.
+* **connection churn** ``pool_use_seconds`` (from the ``checkout`` event to the ``checkin``
   event), ``pool_connect_seconds``, ``pool_connections_created_total``,
   ``pool_connections_closed_total`` and ``pool_connections_invalidated_total{kind}``, from pool
   and dialect events.
 
-The two histograms updated on every checkout and checkin are batched (:mod:`.metric_batch`).
-
-Everything survives ``engine.dispose()``: event listeners move to the new pool with the pool's
-dispatch, and the ``connect()`` wrapper is re-applied by wrapping ``recreate()``, which
-``dispose()`` calls to make the new pool. No connection-level (``ConnectionEvents``) listener is
-installed: one of those makes SQLAlchemy build an event dispatcher for every ``Connection``,
-which costs more per request than everything measured here.
+Everything survives ``engine.dispose()``: the listeners are installed through the engine, which
+SQLAlchemy applies to its pool, and ``dispose()`` makes the new pool with the old one's
+dispatch. No connection-level (``ConnectionEvents``) listener is installed: one of those makes
+SQLAlchemy build an event dispatcher for every ``Connection``, which costs more per request than
+everything measured here. Only public APIs of SQLAlchemy and prometheus_client are used.
 """
 
 from __future__ import annotations
 
 import math
 import weakref
-from collections import deque
 from collections.abc import Callable
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, Final
 
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import TimeoutError as PoolTimeoutError
-from sqlalchemy.pool import Pool, PoolProxiedConnection
+from sqlalchemy.pool import Pool
 
+from . import _compat
 from . import catalogue as cat
-from .metric_batch import multiprocess_mode
-from .metrics import Metrics
+from .metrics import Metrics, multiprocess_mode
 from .reporting import event_log
 from .source import is_async_engine
 
@@ -53,7 +52,6 @@ if TYPE_CHECKING:
 TIMEOUT_EVENT: Final = "db_pool.timeout"
 INVALIDATION_KINDS: Final = ("hard", "soft")
 _INSTRUMENTS_ATTRIBUTE: Final = "_sessionscope_pool_instruments"
-_WRAPPED_ATTRIBUTE: Final = "_sessionscope_wrapped_by"
 
 PoolReader = Callable[[Pool], float]
 
@@ -98,9 +96,9 @@ class PoolInstruments:
         """Whether gauges are written (events, :meth:`refresh`) rather than read at scrape."""
         self._engine_ref = weakref.ref(engine)
         self._pending = metrics[cat.POOL_PENDING].labels(db)
-        self._wait = metrics.batch.histogram(metrics[cat.POOL_WAIT].labels(db))
+        self._wait = metrics[cat.POOL_WAIT].labels(db)
         self._timeouts = metrics[cat.POOL_TIMEOUTS].labels(db)
-        self._use = metrics.batch.histogram(metrics[cat.POOL_USE].labels(db))
+        self._use = metrics[cat.POOL_USE].labels(db)
         self._connect = metrics[cat.POOL_CONNECT].labels(db)
         self._created = metrics[cat.POOL_CREATED].labels(db)
         self._closed = metrics[cat.POOL_CLOSED].labels(db)
@@ -154,6 +152,7 @@ class PoolInstruments:
 
         event.listen(engine, "do_connect", self._on_do_connect)
         event.listen(engine, "connect", self._on_connect)
+        event.listen(engine, "checkout", self._on_checkout)
         event.listen(engine, "checkin", self._on_checkin)
         event.listen(engine, "close", self._on_close)
         event.listen(engine, "close_detached", self._on_close_detached)
@@ -164,72 +163,6 @@ class PoolInstruments:
             self._idle = self.metrics[cat.POOL_CONNECTIONS].labels(self.db, "idle")
             event.listen(engine, "checkout", self._set_on_checkout)
             event.listen(engine, "checkin", self._set_on_checkin)
-        self._wrap(engine.pool)
-
-    def _wrap(self, pool: Pool) -> None:
-        """Replace ``pool.connect`` and ``pool.recreate`` (on the instance) with wrappers that
-        measure checkouts and instrument the pool that replaces this one; once per pool."""
-        wrapped_by: set[PoolInstruments] = pool.__dict__.setdefault(_WRAPPED_ATTRIBUTE, set())
-        if self in wrapped_by:
-            return
-        wrapped_by.add(self)
-        recreate: Callable[[], Pool] = pool.recreate
-
-        def recreate_instrumented() -> Pool:
-            # engine.dispose() makes the new pool here; listeners move with its dispatch.
-            new_pool = recreate()
-            self._wrap(new_pool)
-            if self.multiprocess:
-                self.refresh(new_pool)
-            return new_pool
-
-        setattr(pool, "recreate", recreate_instrumented)  # noqa: B010 (as for connect below)
-        # Chains onto whatever is there, so several instruments (db labels) can wrap one pool.
-        original: Callable[[], PoolProxiedConnection] = pool.connect
-        pending = self._pending
-        wait = self._wait
-        lock = self.metrics.batch.lock
-        checkout_key = self._checkout_key
-
-        idle_queue = _idle_queue(pool)
-        idle = getattr(pool, "checkedin", None)
-        # An async pool makes its queue at its first checkout, on the event loop: look again
-        # then. Pools without a queue (NullPool, StaticPool, SingletonThreadPool) never ask.
-        queue_later = idle_queue is None and getattr(pool, "_pool", None) is not None
-
-        def connect() -> PoolProxiedConnection:
-            nonlocal idle_queue, queue_later
-            if queue_later:
-                idle_queue = _idle_queue(pool)
-                queue_later = idle_queue is None
-            # With an idle connection in the pool the checkout does not wait: it is not
-            # counted as pending (two locked gauge updates saved on the common path).
-            may_wait = not idle_queue if idle_queue is not None else idle is None or idle() <= 0
-            if may_wait:
-                pending.inc()
-            start = perf_counter()
-            try:
-                connection = original()
-            except PoolTimeoutError:
-                waited = perf_counter() - start
-                wait.observe(waited)
-                self._timeouts.inc()
-                self._log_timeout(pool, waited)
-                raise
-            finally:
-                if may_wait:
-                    pending.dec()
-            checked_out = perf_counter()
-            with lock:
-                wait.observe_held(checked_out - start)
-            # Where a checkout listener would note it, without paying for an event dispatch:
-            # in the record's info, as the checkin event sees it. The fairy's own ``info`` is
-            # a property computed again for every checkout; the record's, once per connection.
-            record = getattr(connection, "_connection_record", None)
-            (connection if record is None else record).info[checkout_key] = checked_out
-            return connection
-
-        setattr(pool, "connect", connect)  # noqa: B010 (mypy forbids assigning to a method)
 
     def observe_wait(self, waited: float) -> None:
         """Record a wait for a connection that happened before the pool was asked (admission)."""
@@ -243,8 +176,23 @@ class PoolInstruments:
         if engine is not None:
             self._log_timeout(engine.pool, waited)
 
-    def _log_timeout(self, pool: Pool, waited: float) -> None:
-        """The ``db_pool.timeout`` error event; ``pending`` counts the other waiting checkouts."""
+    def record_pool_timeout(self) -> None:
+        """Count, observe and log a checkout the pool itself gave up on (a request's, seen by
+        the middleware), as having waited the pool's timeout."""
+        engine = self.engine
+        if engine is None:
+            self._timeouts.inc()
+            return
+        timeout = _call(engine.pool, "timeout")
+        waited = float(timeout) if isinstance(timeout, int | float) else None
+        if waited is not None:
+            self._wait.observe(waited)
+        self._timeouts.inc()
+        self._log_timeout(engine.pool, waited, pending_self=False)
+
+    def _log_timeout(self, pool: Pool, waited: float | None, *, pending_self: bool = True) -> None:
+        """The ``db_pool.timeout`` error event; ``pending`` counts the other waiting checkouts
+        (``pending_self``: the pending gauge still counts this one)."""
         overflow = _call(pool, "overflow")
         event_log().error(
             TIMEOUT_EVENT,
@@ -253,9 +201,9 @@ class PoolInstruments:
             checked_out=_call(pool, "checkedout"),
             # overflow() is negative until the pool has opened pool_size connections.
             overflow=None if overflow is None else max(int(overflow), 0),
-            # Still counts this checkout: the wrapper decrements after logging.
-            pending=_own_value(self._pending) - 1,
-            waited_s=round(waited, 6),
+            # The admission stops counting its checkout after the log.
+            pending=_own_value(self._pending) - (1 if pending_self else 0),
+            waited_s=None if waited is None else round(waited, 6),
             timeout_s=_call(pool, "timeout"),
         )
 
@@ -270,12 +218,14 @@ class PoolInstruments:
         if started is not None:
             self._connect.observe(perf_counter() - started)
 
+    def _on_checkout(self, dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        # In the record's info, as the checkin event sees it (the proxy's is per checkout).
+        record.info[self._checkout_key] = perf_counter()
+
     def _on_checkin(self, dbapi_connection: Any, record: Any) -> None:
         started = record.info.pop(self._checkout_key, None)
         if started is not None:
-            seconds = perf_counter() - started
-            with self.metrics.batch.lock:
-                self._use.observe_held(seconds)
+            self._use.observe(perf_counter() - started)
 
     def _on_close(self, dbapi_connection: Any, record: Any) -> None:
         self._closed.inc()
@@ -307,29 +257,13 @@ class PoolInstruments:
             self._idle.set(idle + 1 if idle < pool.size() else idle)
 
 
-def _idle_queue(pool: Pool) -> deque[Any] | None:
-    """The deque of ``pool``'s idle connections, else ``None``: a sync ``QueuePool``'s, or
-    an ``AsyncAdaptedQueuePool``'s once its ``asyncio.Queue`` exists (made at the first
-    checkout, on the event loop; never replaced).
-
-    Its length is read without a lock (``len`` of a deque is atomic): the public
-    ``checkedin()`` costs three Python calls per checkout (and the sync queue's lock).
-    """
-    queue = getattr(pool, "_pool", None)
-    idle_queue = getattr(queue, "queue", None)  # sqlalchemy.util.queue.Queue
-    if idle_queue is None and queue is not None:
-        # AsyncAdaptedQueue memoizes its asyncio.Queue in __dict__: do not create it here.
-        idle_queue = getattr(getattr(queue, "__dict__", {}).get("_queue"), "_queue", None)
-    return idle_queue if isinstance(idle_queue, deque) else None
-
-
 def _supported_gauges(pool: Pool) -> list[tuple[cat.Metric, tuple[str, ...], PoolReader]]:
     """The state gauges ``pool`` can answer: metric, labels besides ``db``, how to read it."""
     gauges: list[tuple[cat.Metric, tuple[str, ...], PoolReader]] = []
     if _has(pool, "checkedout") and _has(pool, "checkedin"):
         gauges.append((cat.POOL_CONNECTIONS, ("used",), _checked_out))
         gauges.append((cat.POOL_CONNECTIONS, ("idle",), _checked_in))
-    if _has(pool, "size") and isinstance(getattr(pool, "_max_overflow", None), int):
+    if _has(pool, "size") and _compat.max_overflow(pool) is not None:
         gauges.append((cat.POOL_CONNECTIONS_MAX, (), _max_connections))
     if _has(pool, "timeout"):
         gauges.append((cat.POOL_TIMEOUT, (), _timeout))
@@ -345,9 +279,11 @@ def _checked_in(pool: Any) -> float:
 
 
 def _max_connections(pool: Any) -> float:
-    # SQLAlchemy has no public accessor for max_overflow; -1 (or pool_size 0) means no limit.
+    # max_overflow -1 (or pool_size 0) means no limit.
     size = int(pool.size())
-    overflow = int(pool._max_overflow)
+    overflow = _compat.max_overflow(pool)
+    if overflow is None:
+        return math.nan
     if size == 0 or overflow < 0:
         return math.inf
     return float(size + overflow)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import math
 import traceback
-from time import perf_counter
 from typing import TYPE_CHECKING, Any, Final
 
 import structlog
@@ -232,7 +231,16 @@ class Reporter:
         self._log.warning("db_session.use_after_close", db=db, route=route, where=_caller_stack())
 
     def pool_timeout(self, rs: RequestSession, exc: PoolTimeoutError) -> None:
-        """A pool checkout timed out before the response started: the client gets 503."""
+        """A pool checkout timed out before the response started: the client gets 503.
+
+        A timeout of the pool itself (not of the admission, counted already) is counted and
+        logged here, as having waited the pool's timeout: SQLAlchemy has no public hook at the
+        start of a checkout to time it by."""
+        if exc is not rs.slot_timeout:
+            if self.pool is not None:
+                self.pool.record_pool_timeout()
+            elif self.metrics is not None:
+                self.metrics.pool_timeouts.inc()
         self._log.warning(
             "db_session.pool_timeout", status=503, error_type="TimeoutError", **self.fields(rs)
         )
@@ -276,7 +284,6 @@ class Reporter:
         if self.metrics is not None:
             self.metrics.leak_suspected.set(over_threshold)
             self.metrics.oldest_age.set(oldest_age)
-            self.metrics.batch.flush_due(perf_counter())
         if self.pool is not None and self.pool.multiprocess:
             self.pool.refresh()  # no scrape-time reads across processes: resynchronise here
 
@@ -297,8 +304,6 @@ class Reporter:
                 rs.statements,
                 rs.commit_seconds,
             )
-            if rs.closed_at >= metrics.batch.flush_at:
-                metrics.batch.flush()
         if self.leaks is not None:
             entry = self.leaks.remove(rs)
             if entry is not None and entry.flagged:

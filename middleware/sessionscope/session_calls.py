@@ -12,18 +12,23 @@ uses the application's ordinary threadpool, like any endpoint.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any, cast
+from typing import Any, Final, cast
 
 import anyio
 import anyio.to_thread
 from anyio.lowlevel import RunVar
-from sqlalchemy.orm import Session
+from sqlalchemy import event
+from sqlalchemy.engine import Connection
+from sqlalchemy.orm import Session, SessionTransaction
 
 from .source import AnySession, is_async_session
 
 FINALIZER_THREADS = 40
 """Tokens of the finalizers' own limiter: at most this many worker threads finalize sync
 sessions that hold a connection at once, on one event loop."""
+_CONNECTIONS: Final = "sessionscope_connections"
+"""Key in ``Session.info``: the session's outermost transaction and the connections it began
+(written by the ``after_begin`` listener of :func:`track_connections`)."""
 
 
 class SessionCalls:
@@ -72,6 +77,37 @@ class SessionCalls:
             return limiter
 
 
+def track_connections(target: Any) -> None:
+    """Make the sessions of ``target`` (a session class or ``sessionmaker``) note the
+    connections their transactions begin, for :func:`transaction_connections`; idempotent."""
+    if not event.contains(target, "after_begin", _began):
+        event.listen(target, "after_begin", _began)
+
+
+def _began(session: Session, transaction: SessionTransaction, connection: Connection) -> None:
+    # A savepoint's connection is its outermost transaction's, noted when that one began it.
+    if transaction.parent is not None:
+        return
+    info = session.info
+    noted: tuple[SessionTransaction, list[Connection]] | None = info.get(_CONNECTIONS)
+    if noted is not None and noted[0] is transaction:
+        noted[1].append(connection)
+    else:
+        info[_CONNECTIONS] = (transaction, [connection])
+
+
+def transaction_connections(session: Session) -> list[Connection] | None:
+    """The connections the session's current transaction has begun (empty: none yet);
+    ``None`` when the session's class was not given to :func:`track_connections`."""
+    transaction = session.get_transaction()
+    if transaction is None:
+        return []
+    noted: tuple[SessionTransaction, list[Connection]] | None = session.info.get(_CONNECTIONS)
+    if noted is None:
+        return [] if event.contains(type(session), "after_begin", _began) else None
+    return noted[1] if noted[0] is transaction else []
+
+
 def ends_without_io(session: Session) -> bool:
     """Whether ending ``session``'s transaction (commit, rollback, close) does no I/O.
 
@@ -81,16 +117,16 @@ def ends_without_io(session: Session) -> bool:
     in-memory steps, and a worker thread would cost more than the call itself. Drivers that
     do not report it (``in_transaction``) always get the worker thread.
     """
-    if not session._is_clean():  # pending objects: a commit would flush them
+    if session.new or session.dirty or session.deleted:  # a commit would flush them
         return False
-    transaction = session.get_transaction()
-    connections = getattr(transaction, "_connections", None)
+    connections = transaction_connections(session)
     if not connections:
         return False
-    for entry in connections.values():
-        # _dbapi_connection, not .connection: that revalidates an invalidated connection.
-        proxied = getattr(entry[0], "_dbapi_connection", None)
-        dbapi = getattr(proxied, "dbapi_connection", None)
+    for connection in connections:
+        # An invalidated connection's .connection would reconnect it: not asked.
+        if connection.closed or connection.invalidated:
+            return False
+        dbapi = connection.connection.dbapi_connection
         if getattr(dbapi, "in_transaction", None) is not False:
             return False
     return True

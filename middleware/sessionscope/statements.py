@@ -161,9 +161,12 @@ def _do_execute_no_params(cursor: Any, statement: str, context: Any) -> bool:
 def _began(conn: Connection, statement: str, context: Any) -> StatementTally | None:
     """Count a statement of the current request (``None`` outside requests); raise for a
     second task on the same connection or for a write on the read replica."""
-    # The dialect's own set-up queries on an engine's first connection run on a connection
-    # that may not autobegin; they are not the request's statements.
-    tally = _tally_for(conn) if conn._allow_autobegin else None
+    # Every statement of a Connection runs in its transaction (it autobegins one first), but
+    # the dialect's own set-up queries on an engine's first connection run on a connection
+    # that may not autobegin: they are not the request's statements. (Nor is a statement run
+    # by a ``begin`` listener, such as SQLite's ``BEGIN`` recipe: the transaction is still
+    # being begun.)
+    tally = _tally_for(conn) if conn.in_transaction() else None
     if tally is None:
         return None
     owner = _owner(tally)

@@ -254,9 +254,11 @@ def _begin_outer(connection: Connection) -> tuple[Any, Any] | None:
     if connection.dialect.name != "sqlite":
         return None
     raw: Any = connection.connection.dbapi_connection
-    driver: Any = getattr(raw, "_connection", raw)  # aiosqlite's adapter wraps the driver
-    driver = getattr(driver, "_conn", driver)
-    if getattr(driver, "autocommit", None) is False or raw.isolation_level is None:
+    # The driver's connection (sqlite3's, or aiosqlite's wrapping it) says whether SQLite has a
+    # transaction open already: under PEP 249 transaction control (``autocommit=False``) it
+    # always has one, and a BEGIN would fail.
+    driver: Any = connection.connection.driver_connection
+    if getattr(driver, "in_transaction", False) or raw.isolation_level is None:
         return None  # PEP 249 transaction control, or the app already emits BEGIN itself
     level = raw.isolation_level
     raw.isolation_level = None
