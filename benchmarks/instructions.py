@@ -252,7 +252,8 @@ def _per_request(
 
 def _hold_still() -> None:
     """No work per wall-clock second during the count (see the module docstring)."""
-    from sessionscope import leaks, reporting
+    from sessionscope import _leaks as leaks
+    from sessionscope import _reporting as reporting
 
     reporting.LEVEL_RECHECK = float("inf")  # type: ignore[misc]
     leaks.LeakRegistry._start = lambda self: None  # type: ignore[method-assign]

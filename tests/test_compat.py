@@ -11,8 +11,8 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy.pool import QueuePool
 
 from sessionscope import _compat
-from sessionscope.metrics import Metrics
-from sessionscope.pool import instrument_pool
+from sessionscope._metrics import Metrics
+from sessionscope._pool import instrument_pool
 
 
 def test_max_overflow_is_read_from_a_queue_pool(tmp_path: Path) -> None:

@@ -48,7 +48,7 @@ def test_every_event_the_library_emits_is_in_the_event_catalogue() -> None:
 
 
 def test_the_lifecycle_diagram_names_every_phase_of_a_request_session() -> None:
-    from sessionscope.lifecycle import Phase
+    from sessionscope._lifecycle import Phase
 
     page = (ROOT / "docs" / "lifecycle.md").read_text()
     assert [phase.name for phase in Phase if phase.name not in page] == []

@@ -196,7 +196,7 @@ def hops(monkeypatch: pytest.MonkeyPatch) -> list[str]:
             seen.append(fn.__name__)
         return await real(fn, *args, **kwargs)
 
-    monkeypatch.setattr("sessionscope.session_calls.anyio.to_thread.run_sync", counting)
+    monkeypatch.setattr("sessionscope._session_calls.anyio.to_thread.run_sync", counting)
     return seen
 
 

@@ -39,7 +39,6 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from sessionscope import DBSessionMiddleware
-
 mode, database, *paths = sys.argv[1:]
 
 RECORD_ATTRIBUTES = {*vars(logging.makeLogRecord({})), "message", "asctime"}

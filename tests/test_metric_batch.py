@@ -8,8 +8,8 @@ import threading
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from sessionscope import _metrics as metrics_module
 from sessionscope import catalogue as cat
-from sessionscope import metrics as metrics_module
 
 CLOSES = [
     ("/a", "commit", 0.004, 2, 0.0009),

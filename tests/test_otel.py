@@ -15,7 +15,7 @@ from opentelemetry.trace import StatusCode
 from prometheus_client import CollectorRegistry
 
 from sessionscope import DBSessionMiddleware
-from sessionscope.otel import SessionSpans
+from sessionscope._otel import SessionSpans
 
 from .support import Backend, children, request
 

@@ -32,8 +32,8 @@ from sqlalchemy.pool import AssertionPool, NullPool, Pool, SingletonThreadPool, 
 from structlog.testing import capture_logs
 
 from sessionscope import DBSessionMiddleware
-from sessionscope.metrics import Metrics
-from sessionscope.pool import PoolInstruments, instrument_pool
+from sessionscope._metrics import Metrics
+from sessionscope._pool import PoolInstruments, instrument_pool
 
 from .prometheus_tools import promtool
 from .support import Backend, Exchange, backend_for, driver_url, postgres_url, request
@@ -657,9 +657,9 @@ def test_multiprocess_mode_is_detected_and_its_files_hold_the_pool_metrics(
         import json, sys
         import sqlalchemy as sa
         from prometheus_client import CollectorRegistry, multiprocess
-        from sessionscope.metrics import Metrics
-        from sessionscope.metrics import multiprocess_mode
-        from sessionscope.pool import instrument_pool
+        from sessionscope._metrics import Metrics
+        from sessionscope._metrics import multiprocess_mode
+        from sessionscope._pool import instrument_pool
 
         engine = sa.create_engine(
             "sqlite:///" + sys.argv[1], pool_size=2, max_overflow=1, pool_timeout=0.1

@@ -15,8 +15,8 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from sessionscope import session_calls
-from sessionscope.session_calls import SessionCalls
+from sessionscope import _session_calls as session_calls
+from sessionscope._session_calls import SessionCalls
 
 from .support import items, metadata, wait_until
 

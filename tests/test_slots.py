@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from sessionscope import DBSessionMiddleware, _compat
-from sessionscope.slots import LoopSlots, SessionSlots
+from sessionscope._slots import LoopSlots, SessionSlots
 
 from .support import http_scope, request
 

@@ -5,6 +5,8 @@ response status before the client sees that status, and always closes it.
 ``session_scope`` does the same for work outside requests.
 """
 
+from ._policy import commit_below_400
+from ._scope import session_scope
 from .errors import (
     ConcurrentSessionUseError,
     ConfigurationError,
@@ -15,8 +17,6 @@ from .errors import (
 )
 from .hooks import on_commit
 from .middleware import DBSessionMiddleware
-from .policy import commit_below_400
-from .scope import session_scope
 
 __all__ = [
     "ConcurrentSessionUseError",

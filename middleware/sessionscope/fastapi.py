@@ -16,9 +16,9 @@ from fastapi import Depends
 from sqlalchemy.orm import Session
 from starlette.requests import HTTPConnection
 
+from ._request_state import RequestState
+from ._source import INSTALL_ASYNCIO, asyncio_missing, is_async_session
 from .errors import SessionNotAvailableError
-from .request_state import RequestState
-from .source import INSTALL_ASYNCIO, asyncio_missing, is_async_session
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession

@@ -22,8 +22,8 @@ from .errors import SessionNotAvailableError
 if TYPE_CHECKING:
     from starlette.requests import HTTPConnection
 
-    from .lifecycle import RequestSession
-    from .source import AnySession
+    from ._lifecycle import RequestSession
+    from ._source import AnySession
 
 Hook = Callable[[], Any] | Callable[[], Awaitable[Any]]
 
@@ -83,8 +83,8 @@ def on_commit(
 
 
 def _request_session(target: Any, name: str | None) -> RequestSession:
-    from .lifecycle import REQUEST_KEY
-    from .request_state import RequestState
+    from ._lifecycle import REQUEST_KEY
+    from ._request_state import RequestState
 
     info = getattr(target, "info", None)
     if isinstance(info, dict) and REQUEST_KEY in info:

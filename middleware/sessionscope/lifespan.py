@@ -32,9 +32,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 
+from ._reporting import event_log
+from ._source import is_async_engine, require_asyncio
 from .errors import ConfigurationError
-from .reporting import event_log
-from .source import is_async_engine, require_asyncio
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine

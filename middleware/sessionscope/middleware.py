@@ -15,21 +15,21 @@ from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.middleware.gzip import GZipMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from . import statements
+from . import _statements as statements
+from ._leaks import LeakRegistry
+from ._lifecycle import RequestSession, SessionSettings
+from ._metrics import DEFAULT_MAX_ROUTES, Metrics
+from ._otel import SessionSpans
+from ._policy import CommitPolicy, commit_below_400
+from ._pool import instrument_pool
+from ._reporting import LEVELS, Reporter
+from ._request_state import RequestState
+from ._session_calls import SessionCalls
+from ._slots import SessionSlots
+from ._source import SessionSource, replica_source, resolve_source
+from ._statements import CURRENT
 from .catalogue import DEFAULT_NAMESPACE
 from .errors import ConfigurationError, MiddlewareOrderWarning, concurrent_use
-from .leaks import LeakRegistry
-from .lifecycle import RequestSession, SessionSettings
-from .metrics import DEFAULT_MAX_ROUTES, Metrics
-from .otel import SessionSpans
-from .policy import CommitPolicy, commit_below_400
-from .pool import instrument_pool
-from .reporting import LEVELS, Reporter
-from .request_state import RequestState
-from .session_calls import SessionCalls
-from .slots import SessionSlots
-from .source import SessionSource, replica_source, resolve_source
-from .statements import CURRENT
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker

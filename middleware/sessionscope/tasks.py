@@ -47,14 +47,14 @@ from typing import Any, TypeVar, overload
 import anyio
 import anyio.to_thread
 
-from . import outcome as oc
-from . import statements
+from . import _outcome as oc
+from . import _statements as statements
+from ._lifecycle import SessionSettings
+from ._request_context import route_template
+from ._request_state import RequestState
+from ._session_calls import run_to_completion
+from ._source import AnySession, is_async_session
 from .errors import ConfigurationError, SessionNotAvailableError
-from .lifecycle import SessionSettings
-from .request_context import route_template
-from .request_state import RequestState
-from .session_calls import run_to_completion
-from .source import AnySession, is_async_session
 
 __all__ = ["gather_with_sessions", "task_session"]
 

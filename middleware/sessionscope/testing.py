@@ -69,9 +69,9 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
+from ._source import is_async_connection, is_async_engine
 from .errors import ConfigurationError
 from .middleware import DBSessionMiddleware
-from .source import is_async_connection, is_async_engine
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession

@@ -4,6 +4,7 @@ error responses."""
 
 from __future__ import annotations
 
+import os
 import random
 import string
 from collections.abc import Iterator
@@ -161,7 +162,8 @@ async def test_a_well_formed_request_id_is_kept(sqlite: Backend) -> None:
 
 # -------------------------------------------------------------------------------- secrets
 
-SECRET_ROLE = "ss_secret"
+SECRET_ROLE = f"ss_secret_{os.getpid()}"
+"""Roles are the whole server's: one per test process, so suites run at once never share it."""
 SECRET_PASSWORD = "S3cr3t-pw-4f9c2a7e1b"  # what an attacker would want from a log line
 SECRET_NAME = "param-d41d8cd98f00b204"
 """A value bound as a SQL parameter: it must never be echoed."""

@@ -14,7 +14,7 @@ Every state a request session goes through, and every commit or rollback, is in 
 * **closed** when the application returns, raises or is cancelled. Cleanup is shielded from
   cancellation; cleanup errors are reported, never raised over the application's own error.
 
-Sync and async sessions share this code; :class:`~sessionscope.session_calls.SessionCalls`
+Sync and async sessions share this code; :class:`~sessionscope._session_calls.SessionCalls`
 decides how each call runs.
 """
 
@@ -37,23 +37,23 @@ from sqlalchemy.exc import IllegalStateChangeError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session
 
-from . import outcome as oc
-from .decision_gate import DecisionGate
+from . import _outcome as oc
+from ._decision_gate import DecisionGate
+from ._policy import CommitPolicy, rollback_reason
+from ._request_context import route_template
+from ._request_state import RequestState
+from ._responses import error_response
+from ._session_calls import SessionCalls, track_connections, transaction_connections
+from ._slots import LoopSlots, SessionSlots
+from ._source import AnySession, SessionSource
+from ._statements import StatementTally
 from .errors import SessionClosedError
 from .hooks import CommitHooks
-from .policy import CommitPolicy, rollback_reason
-from .request_context import route_template
-from .request_state import RequestState
-from .responses import error_response
-from .session_calls import SessionCalls, track_connections, transaction_connections
-from .slots import LoopSlots, SessionSlots
-from .source import AnySession, SessionSource
-from .statements import StatementTally
 
 if TYPE_CHECKING:
     from starlette.types import Message, Scope, Send
 
-    from .reporting import Reporter
+    from ._reporting import Reporter
 
 REQUEST_KEY: Final = "sessionscope.request"
 """``Session.info`` key of the open request session's :class:`RequestSession`."""
@@ -100,7 +100,7 @@ class SessionSettings:
     read_only_methods: frozenset[str] = frozenset()
     gated: bool = False
     """Hold statements back while the decision runs (a middleware inside runs the application
-    in a task of its own: see :mod:`sessionscope.decision_gate`)."""
+    in a task of its own: see :mod:`sessionscope._decision_gate`)."""
 
     def install_guard(self) -> None:
         """Make sessions from these sources refuse to start a transaction once closed, and
@@ -187,7 +187,7 @@ class RequestSession(StatementTally):
 
         First asked for in a worker thread, it is admitted to the pool's capacity there: at
         once if a slot is free, else waiting on the event loop while the threadpool has one
-        more thread (see :mod:`sessionscope.slots`).
+        more thread (see :mod:`sessionscope._slots`).
         """
         slots = self.slots
         if slots is not None and self.session is None and self._admitting(_RUNNING):
@@ -256,7 +256,7 @@ class RequestSession(StatementTally):
     def _admit_here(self, slots: LoopSlots) -> None:
         """Take a slot for the admission claimed (see :meth:`_admitting`), in this thread: at
         once if one is free, else, in a worker thread, waiting on the event loop while the
-        threadpool has one more thread (see :mod:`sessionscope.slots`)."""
+        threadpool has one more thread (see :mod:`sessionscope._slots`)."""
         try:
             if slots.try_acquire():
                 self.slot = slots

@@ -25,9 +25,9 @@ from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
+from . import _outcome as oc
 from . import catalogue as cat
-from . import outcome as oc
-from .session_totals import RouteTotals, SessionTotals
+from ._session_totals import RouteTotals, SessionTotals
 
 OTHER_ROUTE: Final = "__other__"
 """The route label of routes beyond the cap on distinct routes."""

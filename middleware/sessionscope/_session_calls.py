@@ -21,7 +21,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session, SessionTransaction
 
-from .source import AnySession, is_async_session
+from ._source import AnySession, is_async_session
 
 FINALIZER_THREADS = 40
 """Tokens of the finalizers' own limiter: at most this many worker threads finalize sync

@@ -11,18 +11,18 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from .catalogue import DEFAULT_NAMESPACE
-from .errors import ConfigurationError
-from .metrics import DbMetrics, Metrics
-from .reporting import event_log
-from .session_calls import run_to_completion
-from .source import (
+from ._metrics import DbMetrics, Metrics
+from ._reporting import event_log
+from ._session_calls import run_to_completion
+from ._source import (
     AnySession,
     SessionSource,
     is_async_engine,
     is_async_sessionmaker,
     resolve_source,
 )
+from .catalogue import DEFAULT_NAMESPACE
+from .errors import ConfigurationError
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker

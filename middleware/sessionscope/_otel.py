@@ -13,7 +13,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .lifecycle import RequestSession
+    from ._lifecycle import RequestSession
 
 SPAN_NAME = "db.session"
 

@@ -21,16 +21,16 @@ from typing import TYPE_CHECKING, Any, Final
 import structlog
 from sqlalchemy.exc import StatementError
 
-from .request_context import correlation_id_source, request_id, route_template
+from ._request_context import correlation_id_source, request_id, route_template
 
 if TYPE_CHECKING:
     from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
-    from .leaks import LeakRegistry, Suspect
-    from .lifecycle import RequestSession
-    from .metrics import DbMetrics
-    from .otel import SessionSpans
-    from .pool import PoolInstruments
+    from ._leaks import LeakRegistry, Suspect
+    from ._lifecycle import RequestSession
+    from ._metrics import DbMetrics
+    from ._otel import SessionSpans
+    from ._pool import PoolInstruments
 
 LOGGER_NAME: Final = "sessionscope"
 LEVELS: Final = {"debug": 10, "info": 20, "warning": 30, "error": 40}

@@ -21,11 +21,11 @@ from time import perf_counter
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from .reporting import event_log
-from .request_context import route_template
+from ._reporting import event_log
+from ._request_context import route_template
 
 if TYPE_CHECKING:
-    from .lifecycle import RequestSession
+    from ._lifecycle import RequestSession
 
 
 @dataclass(slots=True)

@@ -42,9 +42,9 @@ from sqlalchemy.pool import Pool
 
 from . import _compat
 from . import catalogue as cat
-from .metrics import Metrics, multiprocess_mode
-from .reporting import event_log
-from .source import is_async_engine
+from ._metrics import Metrics, multiprocess_mode
+from ._reporting import event_log
+from ._source import is_async_engine
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
