@@ -4,6 +4,7 @@ Run by the ``wheel`` nox session with the Python of a venv that holds ``sessions
 installed from the built wheel, and uvicorn, nothing else. It starts uvicorn on 127.0.0.1 (a free
 port), drives the app with urllib and checks:
 
+- ``sessionscope`` is found in site-packages (the wheel), not in the source tree;
 - ``POST /items`` answers 201 and its row is in the database (a commit);
 - ``POST /items/held`` answers 409 and its row is not (a rollback);
 - ``/metrics`` counts one committed and one rolled-back session, by route;
@@ -15,6 +16,7 @@ Standard library only, so that it needs nothing the user would not install.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -126,6 +128,13 @@ def main() -> int:
         if not ok:
             failures.append(what)
 
+    spec = importlib.util.find_spec("sessionscope")  # found, not imported
+    origin = spec.origin if spec else None
+    check(
+        origin is not None and "site-packages" in origin,
+        f"sessionscope is the installed package, not the source tree (found {origin})",
+    )
+
     with tempfile.TemporaryDirectory() as tmp:
         database = Path(tmp) / "quickstart.db"
         server = Server(f"sqlite:///{database}")
@@ -169,10 +178,11 @@ def main() -> int:
             rollbacks.get(frozenset({("db", "default"), ("reason", "status_4xx")})) == 1,
             "db_session_rollbacks_total counts 1 rollback for reason status_4xx",
         )
+        printed = "".join(f"\n    {line}" for line in per_request_output)
         check(
             per_request_output == [],
-            "nothing is printed while requests are served; printed:\n    "
-            + "\n    ".join(per_request_output),
+            "nothing is printed while requests are served"
+            + (f"; printed:{printed}" * bool(printed)),
         )
 
     print("\nuvicorn printed:\n    " + "\n    ".join(server.lines))
