@@ -5,7 +5,7 @@ Sessions:
 - ``tests-3.11``: the whole suite, ``slow`` soak and load tests included (``make test`` runs the
   same on 3.11 in ``.venv``); ``tests-3.12``, ``tests-3.13``: the fast suite (``-m "not slow"``).
 - ``lowest``: the fast suite on the lowest versions pyproject.toml allows for our direct
-  dependencies, dev extras included (uv's ``--resolution lowest-direct``): the floors are true.
+  dependencies, every extra's included (uv's ``--resolution lowest-direct``): the floors are true.
 - ``newest``: the fast suite with every package, transitive ones too, at its newest release.
 - ``wheel``: builds the wheel, installs ``sessionscope[fastapi]`` from it and uvicorn, nothing
   else, into a new venv, and serves the README's quick start (``tests/wheel``) under uvicorn:
@@ -32,8 +32,8 @@ FAST = ("-m", "not slow")
 ROOT = Path(__file__).resolve().parent
 
 
-def sync(session: nox.Session, *resolution: str, extras: str = "dev") -> None:
-    """Make the session's venv hold exactly this project (editable) and its resolved extras."""
+def sync(session: nox.Session, *resolution: str) -> None:
+    """Make the session's venv hold exactly this project (editable) and all its extras, resolved."""
     requirements = Path(session.create_tmp()) / "requirements.txt"
     session.run(
         "uv",
@@ -43,7 +43,7 @@ def sync(session: nox.Session, *resolution: str, extras: str = "dev") -> None:
         "--python-version",
         str(session.python),
         *resolution,
-        *(arg for extra in extras.split(",") for arg in ("--extra", extra)),
+        "--all-extras",
         "--output-file",
         str(requirements),
         "--no-header",
