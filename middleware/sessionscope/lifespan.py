@@ -31,7 +31,7 @@ import anyio.to_thread
 import sqlalchemy as sa
 import structlog
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .errors import ConfigurationError
@@ -113,6 +113,7 @@ async def check_databases(
     """
     _validate(engines, "check_databases()")
     failures: list[tuple[AnyEngine, Exception]] = []
+    bugs: list[Exception] = []
 
     async def probe(engine: AnyEngine) -> None:
         try:
@@ -122,12 +123,18 @@ async def check_databases(
                         await conn.execute(_PROBE)
                 else:
                     await anyio.to_thread.run_sync(_probe_sync, engine, abandon_on_cancel=True)
-        except Exception as exc:
+        except (SQLAlchemyError, OSError, TimeoutError) as exc:  # the database did not answer
             failures.append((engine, exc))
+        except Exception as exc:  # a bug, not the database: raised as it is, below
+            bugs.append(exc)
 
     async with anyio.create_task_group() as group:
         for engine in engines:
             group.start_soon(probe, engine)
+    if len(bugs) == 1:
+        raise bugs[0]
+    if bugs:
+        raise ExceptionGroup("sessionscope: the database check failed", bugs)
     if failures:
         lines = [
             f"  - {describe_database(engine)}: {_reason(exc, engine, timeout)}"
