@@ -123,10 +123,11 @@ async def check_databases(
                         await conn.execute(_PROBE)
                 else:
                     await anyio.to_thread.run_sync(_probe_sync, engine, abandon_on_cancel=True)
-        except (SQLAlchemyError, OSError, TimeoutError) as exc:  # the database did not answer
-            failures.append((engine, exc))
-        except Exception as exc:  # a bug, not the database: raised as it is, below
-            bugs.append(exc)
+        except Exception as exc:
+            if _from_database(exc, engine):
+                failures.append((engine, exc))
+            else:  # a bug, not the database: raised as it is, below
+                bugs.append(exc)
 
     async with anyio.create_task_group() as group:
         for engine in engines:
@@ -186,6 +187,18 @@ def describe_database(engine: AnyEngine) -> str:
 def _probe_sync(engine: Engine) -> None:
     with engine.connect() as conn:
         conn.execute(_PROBE)
+
+
+def _from_database(exc: Exception, engine: AnyEngine) -> bool:
+    """Whether ``exc`` means the database did not answer, rather than a bug.
+
+    SQLAlchemy's errors, the network's (``OSError``), the timeout, and errors the driver raised
+    itself (asyncpg's refusals of a login reach us unwrapped on some SQLAlchemy releases).
+    """
+    if isinstance(exc, SQLAlchemyError | OSError | TimeoutError):
+        return True
+    package = type(exc).__module__.partition(".")[0].lower()
+    return package == str(engine.dialect.driver).lower()
 
 
 def _reason(exc: BaseException, engine: AnyEngine, timeout: float) -> str:
