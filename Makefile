@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo demo-workers test test-fast lint format bench load dashboards docs clean
+.PHONY: install demo demo-workers test test-fast matrix lint format bench load dashboards docs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,11 +33,21 @@ load: $(STAMP)
 dashboards: $(STAMP)
 	$(BIN)/python dashboards/generate.py
 
+# pytest exits 5 when it ran no test: say so instead of failing without a word.
+NO_TEST := { rc=$$?; [ $$rc -ne 5 ] || echo "pytest ran no test (exit 5)" >&2; exit $$rc; }
+
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=15 || $(NO_TEST)
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -m "not slow" || $(NO_TEST)
+
+# The test matrix of noxfile.py: Python 3.11 to 3.13, the lowest and the newest dependencies,
+# the built wheel serving the quick start. One session: make matrix NOX_ARGS="-s lowest";
+# add -r to reuse the venvs of an earlier run.
+NOX_ARGS ?=
+matrix: $(STAMP)
+	bash .ci/with-pythons $(BIN)/nox $(NOX_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

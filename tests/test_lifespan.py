@@ -416,6 +416,31 @@ async def test_a_sqlite_file_that_cannot_be_opened_is_named(tmp_path: Any) -> No
             await dispose(engine)
 
 
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_an_error_that_is_not_the_databases_propagates_unchanged_instead_of_blaming_the_url(
+    kind: str,
+) -> None:
+    """A bug (here a connect function that raises TypeError, as an incompatible dependency did)
+    is not reported as an unreachable database with advice to check the URL and credentials."""
+
+    def broken() -> Any:
+        raise TypeError("a bug, not the database")
+
+    async def broken_async() -> Any:
+        broken()
+
+    engine: Engine | AsyncEngine = (
+        create_async_engine("sqlite+aiosqlite://", async_creator=broken_async)
+        if kind == "async"
+        else sa.create_engine("sqlite://", creator=broken)
+    )
+    try:
+        with pytest.raises(TypeError, match="a bug, not the database"):
+            await check_databases(engine)
+    finally:
+        await dispose(engine)
+
+
 async def test_dispose_engines_is_safe_to_call_twice(backend: Backend) -> None:
     await dispose_engines(backend.engine)
     await dispose_engines(backend.engine)

@@ -30,7 +30,7 @@ import anyio
 import anyio.to_thread
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from ._reporting import event_log
 from ._source import is_async_engine, require_asyncio
@@ -115,6 +115,7 @@ async def check_databases(
     """
     _validate(engines, "check_databases()")
     failures: list[tuple[AnyEngine, Exception]] = []
+    bugs: list[Exception] = []
 
     async def probe(engine: AnyEngine) -> None:
         try:
@@ -125,11 +126,18 @@ async def check_databases(
                 else:
                     await anyio.to_thread.run_sync(_probe_sync, engine, abandon_on_cancel=True)
         except Exception as exc:
-            failures.append((engine, exc))
+            if _from_database(exc, engine):
+                failures.append((engine, exc))
+            else:  # a bug, not the database: raised as it is, below
+                bugs.append(exc)
 
     async with anyio.create_task_group() as group:
         for engine in engines:
             group.start_soon(probe, engine)
+    if len(bugs) == 1:
+        raise bugs[0]
+    if bugs:
+        raise ExceptionGroup("sessionscope: the database check failed", bugs)
     if failures:
         lines = [
             f"  - {describe_database(engine)}: {_reason(exc, engine, timeout)}"
@@ -181,6 +189,18 @@ def describe_database(engine: AnyEngine) -> str:
 def _probe_sync(engine: Engine) -> None:
     with engine.connect() as conn:
         conn.execute(_PROBE)
+
+
+def _from_database(exc: Exception, engine: AnyEngine) -> bool:
+    """Whether ``exc`` means the database did not answer, rather than a bug.
+
+    SQLAlchemy's errors, the network's (``OSError``), the timeout, and errors the driver raised
+    itself (asyncpg's refusals of a login reach us unwrapped on some SQLAlchemy releases).
+    """
+    if isinstance(exc, SQLAlchemyError | OSError | TimeoutError):
+        return True
+    package = type(exc).__module__.partition(".")[0].lower()
+    return package == str(engine.dialect.driver).lower()
 
 
 def _reason(exc: BaseException, engine: AnyEngine, timeout: float) -> str:
