@@ -303,6 +303,37 @@ async def test_writes_after_the_decision_are_rolled_back_and_reported_unless_com
     assert late[0]["log_level"] == "warning"
 
 
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "/* tag */ INSERT INTO ss_items (name) VALUES ('forgotten-late')",
+        "WITH i AS (INSERT INTO ss_items (name) VALUES ('forgotten-late') RETURNING id) "
+        "SELECT id FROM i",
+    ],
+    ids=["comment", "cte"],
+)
+async def test_a_late_write_hidden_in_a_comment_or_a_cte_is_reported(
+    backend: Backend, statement: str
+) -> None:
+    if backend.id.startswith("sqlite") and "WITH" in statement:
+        pytest.skip("SQLite has no data-modifying WITH clauses")
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        session = scope["state"]["db"]
+        await send({"type": "http.response.start", "status": 200})
+        await send({"type": "http.response.body", "body": b"done"})
+        await backend.run(session, lambda s: s.execute(sa.text(statement)))
+
+    with capture_logs() as logs:
+        await request(DBSessionMiddleware(app, engine=backend.engine))
+    assert backend.names() == []
+    assert [e["event"] for e in logs if e["event"] == "db_session.late_write"] == [
+        "db_session.late_write"
+    ]
+    closed = [e for e in logs if e["event"] == "db_session.closed"]
+    assert [(e["outcome"], e["reason"]) for e in closed] == [("rollback", "late_write")]
+
+
 async def test_reads_after_the_decision_are_not_reported_as_late_writes(backend: Backend) -> None:
     async def app(scope: Any, receive: Any, send: Any) -> None:
         session = scope["state"]["db"]
