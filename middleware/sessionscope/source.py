@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import Pool
 
 from .errors import ConfigurationError
+from .read_only import read_only_engine
 
 AnySession = Session | AsyncSession
 """A request session: ``sqlalchemy.orm.Session`` or ``sqlalchemy.ext.asyncio.AsyncSession``."""
@@ -114,7 +115,8 @@ def _sync_engine(bind: object) -> Engine | None:
 
 
 def replica_source(primary: SessionSource, replica: object, *, owner: str) -> SessionSource:
-    """A source like ``primary`` (same session class and options) bound to ``replica``."""
+    """A source like ``primary`` (same session class and options) bound to ``replica``, whose
+    transactions the database runs read-only (see :mod:`sessionscope.read_only`)."""
     if primary.is_async and not isinstance(replica, AsyncEngine):
         raise ConfigurationError(
             f"{owner}: the database is async, so replica_engine= must be an AsyncEngine, "
@@ -129,9 +131,12 @@ def replica_source(primary: SessionSource, replica: object, *, owner: str) -> Se
     factory: sessionmaker[Any] | async_sessionmaker[Any]
     if isinstance(primary.factory, async_sessionmaker):
         assert isinstance(replica, AsyncEngine)
-        factory = async_sessionmaker(replica, class_=primary.factory.class_, **options)
+        factory = async_sessionmaker(
+            read_only_engine(replica), class_=primary.factory.class_, **options
+        )
         return SessionSource(factory, True, replica.sync_engine)
     assert isinstance(replica, Engine)
     # sessionmaker() makes a subclass of the class it is given: hand it the user's class.
     base = primary.factory.class_.__bases__[0]
-    return SessionSource(sessionmaker(replica, class_=base, **options), False, replica)
+    factory = sessionmaker(read_only_engine(replica), class_=base, **options)
+    return SessionSource(factory, False, replica)
