@@ -217,7 +217,11 @@ class DBSessionMiddleware:
             await rs.finish(exc)
             await rs.respond_unavailable(exc)
         except BaseException as exc:
+            timeout = None if rs.started else _only_pool_timeouts(exc)
             await rs.finish(exc)
+            if timeout is not None:  # e.g. from gather_with_sessions' task group
+                await rs.respond_unavailable(timeout)
+                return
             clear = None if rs.session is None else concurrent_use(exc)
             if clear is not None:
                 raise clear from exc
@@ -227,6 +231,19 @@ class DBSessionMiddleware:
                 await rs.close(None)
         finally:
             CURRENT.reset(token)
+
+
+def _only_pool_timeouts(exc: BaseException) -> PoolTimeoutError | None:
+    """The first pool timeout of an exception group made of nothing else, else ``None``."""
+    if not isinstance(exc, BaseExceptionGroup):
+        return None
+    first: PoolTimeoutError | None = None
+    for inner in exc.exceptions:
+        found = inner if isinstance(inner, PoolTimeoutError) else _only_pool_timeouts(inner)
+        if found is None:
+            return None
+        first = first or found
+    return first
 
 
 def _slots(source: SessionSource, name: str) -> SessionSlots | None:
