@@ -40,11 +40,12 @@ def request_id(scope: Any, from_correlation: Callable[[], str | None]) -> str:
     """The request id for log events.
 
     asgi-correlation-id's id when that middleware runs outside this one; else the
-    ``X-Request-ID`` header when it is 1-128 characters of ``[A-Za-z0-9._:-]`` (anything else
-    could forge or break log lines and is never logged); else a new random id.
+    ``X-Request-ID`` header; else a new random id. An id is used only when it is 1-128
+    characters of ``[A-Za-z0-9._:-]``: anything else could forge or break log lines and is
+    never logged (asgi-correlation-id with ``validator=None`` passes any header on).
     """
     known = from_correlation()
-    if known:
+    if known and _VALID_REQUEST_ID.fullmatch(known):
         return known
     for name, value in scope.get("headers", ()):
         if name == _REQUEST_ID_HEADER:
