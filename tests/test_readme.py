@@ -30,6 +30,15 @@ def test_every_exported_metric_is_documented_in_the_readme() -> None:
     assert missing == []
 
 
+def test_every_error_phase_is_listed_in_the_help_text_and_the_readme() -> None:
+    from sessionscope.catalogue import SESSION_ERRORS
+    from sessionscope.outcome import PHASES
+
+    row = next(line for line in README.splitlines() if "`db_session_errors_total`" in line)
+    assert [p for p in PHASES if p not in SESSION_ERRORS.help] == []
+    assert [p for p in PHASES if f"`{p}`" not in row] == []
+
+
 def test_every_test_the_readme_cites_exists() -> None:
     cited = set(re.findall(r"`(test_[a-z0-9_]+)`", README))
     sources = "\n".join(p.read_text() for p in (ROOT / "tests").rglob("test_*.py"))
