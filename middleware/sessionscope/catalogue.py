@@ -119,7 +119,8 @@ SESSION_COMMIT_DURATION: Final = _h(
 )
 SESSION_ERRORS: Final = _c(
     "session_errors_total",
-    "Errors raised by commit, rollback or close of a request session.",
+    "Errors by phase: commit, rollback or close of a request session, or hook (an "
+    "after-commit hook raised).",
     "phase",
     "error_type",
 )
