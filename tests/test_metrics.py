@@ -12,6 +12,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry, generate_latest
+from structlog.testing import capture_logs
 
 from sessionscope import DBSessionMiddleware, session_scope
 from sessionscope.catalogue import CATALOGUE
@@ -183,6 +184,28 @@ async def test_a_cancelled_request_is_counted_as_a_cancelled_rollback(backend: B
         tg.cancel_scope.cancel()
     assert value(registry, "db_session_rollbacks_total", reason="cancelled") == 1
     assert value(registry, "db_sessions_open") == 0
+
+
+async def test_a_session_that_only_streams_is_not_counted_unused(backend: Backend) -> None:
+    """Statements run only after the response started (a streamed export): the session was
+    used; its outcome is what the status decided, as for a request that read first."""
+    registry = CollectorRegistry()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        session = scope["state"]["db"]
+        await send({"type": "http.response.start", "status": 200})
+        for _ in range(2):
+            count = await backend.count(session)
+            await send({"type": "http.response.body", "body": b"%d" % count, "more_body": True})
+        await send({"type": "http.response.body"})
+
+    with capture_logs() as logs:
+        await request(DBSessionMiddleware(app, engine=backend.engine, registry=registry))
+    closed = [e for e in logs if e["event"] == "db_session.closed"]
+    assert [(e["outcome"], e["statements"]) for e in closed] == [("commit", 2)]
+    assert value(registry, "db_sessions_closed_total", route="__unmatched__", outcome="unused") == 0
+    assert value(registry, "db_sessions_closed_total", route="__unmatched__", outcome="commit") == 1
+    assert value(registry, "db_session_rollbacks_total") == 0
 
 
 async def test_a_session_never_used_is_counted_unused(backend: Backend) -> None:
