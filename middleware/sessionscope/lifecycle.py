@@ -342,6 +342,8 @@ class RequestSession(StatementTally):
         else:
             if self.phase is _RUNNING:
                 self.outcome = oc.UNUSED
+            elif self.outcome == oc.UNUSED and self.statements:
+                self._used_late_only()
             self.phase = _CLOSED
             if sync.identity_map:
                 # No transaction, so no I/O: detach the loaded objects, inline. (Pending
@@ -364,6 +366,8 @@ class RequestSession(StatementTally):
             self.settings.reporter.late_write(self)
             if self.outcome in (None, oc.UNUSED):
                 self.outcome, self.reason = oc.ROLLBACK, reason
+        elif self.outcome == oc.UNUSED:
+            reason = self._used_late_only()
         self.phase = _CLOSED
         try:
             # close() rolls back the transaction and returns its connection: one call.
@@ -374,6 +378,16 @@ class RequestSession(StatementTally):
         else:
             if reason is not None:
                 self.settings.reporter.rolled_back(self, reason)
+
+    def _used_late_only(self) -> str | None:
+        """Classify a session whose statements all ran after the decision (a streamed body):
+        it was used, so its outcome is what the status decided; the rollback reason, if any."""
+        status = self.status
+        if status is None or self.settings.commit_on(status):
+            self.outcome = oc.COMMIT
+            return None
+        self.outcome, self.reason = oc.ROLLBACK, rollback_reason(status)
+        return self.reason
 
     async def respond_unavailable(self, exc: PoolTimeoutError) -> None:
         """Answer ``503`` with ``Retry-After`` for a pool timeout before the response started."""
