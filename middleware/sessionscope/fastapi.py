@@ -1,15 +1,18 @@
 """FastAPI dependencies for the request session (needs the ``sessionscope[fastapi]`` extra).
 
 ``DBSession`` and ``AsyncDBSession`` are ``Annotated`` types: a route parameter declared with
-one receives the very object at ``request.state.<state_key>``. ``get_session(name)`` returns
-the dependency for a database added with ``DBSessionMiddleware(..., name=name)``.
+one receives the very object at ``request.state.<state_key>``. Their dependencies are
+``get_db`` and ``get_async_db``, which tests can replace with FastAPI's
+``app.dependency_overrides[get_db] = ...``. ``get_session(name)`` returns a new dependency for
+a database added with ``DBSessionMiddleware(..., name=name)``: create it once and use that
+object in routes and overrides alike.
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Coroutine
-from typing import Annotated, Any
+from typing import Annotated, Any, Final
 
 from fastapi import Depends
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -65,10 +68,17 @@ def _request_scoped(dependency: SessionDependency) -> Any:
     return Depends(dependency)
 
 
-DBSession = Annotated[Session, _request_scoped(get_session(kind=Session))]
+get_db: Final = get_session(kind=Session)
+"""The dependency behind ``DBSession``: the request's sync ``Session`` (the key to use in
+``app.dependency_overrides``)."""
+
+get_async_db: Final = get_session(kind=AsyncSession)
+"""The dependency behind ``AsyncDBSession``: the request's ``AsyncSession``."""
+
+DBSession = Annotated[Session, _request_scoped(get_db)]
 """A route parameter that receives the request's sync ``Session``."""
 
-AsyncDBSession = Annotated[AsyncSession, _request_scoped(get_session(kind=AsyncSession))]
+AsyncDBSession = Annotated[AsyncSession, _request_scoped(get_async_db)]
 """A route parameter that receives the request's ``AsyncSession``."""
 
-__all__ = ["AsyncDBSession", "DBSession", "get_session"]
+__all__ = ["AsyncDBSession", "DBSession", "get_async_db", "get_db", "get_session"]
