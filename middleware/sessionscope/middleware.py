@@ -199,8 +199,9 @@ class DBSessionMiddleware:
         if state is None:
             raise ConfigurationError(
                 f"{_OWNER}(name={self.name!r}): request.state.{self.state_key} is already "
-                "taken (by another DBSessionMiddleware or the lifespan state); give each "
-                "database its own state_key."
+                "taken (by another DBSessionMiddleware, e.g. one around the app this one is "
+                "mounted in, or by the lifespan state); give each database its own state_key "
+                "and add its middleware once, to the outermost application."
             )
         rs.state = state
         # The request's statements count into rs (inline: this runs for every request).
@@ -253,21 +254,35 @@ def _slots(source: SessionSource, name: str) -> SessionSlots | None:
 
 
 def _refuse_duplicates(app: ASGIApp, *, name: str, state_key: str) -> None:
-    """Fail when a DBSessionMiddleware further in uses the same name or state key."""
-    inner: Any = app
-    for _ in range(64):
-        if isinstance(inner, DBSessionMiddleware):
+    """Fail when a DBSessionMiddleware further in, or in a mounted application (built or
+    still only declared with ``add_middleware``), uses the same name or state key."""
+    pending: list[Any] = [app]
+    seen: set[int] = set()
+    while pending and len(seen) < 1024:
+        node = pending.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        declared = [
+            (m.kwargs.get("name", "default"), m.kwargs.get("state_key", "db"))
+            for m in getattr(node, "user_middleware", None) or ()
+            if getattr(m, "cls", None) is DBSessionMiddleware
+        ]
+        if isinstance(node, DBSessionMiddleware):
+            declared.append((node.name, node.state_key))
+        for their_name, their_key in declared:
             for label, mine, theirs in (
-                ("state_key", state_key, inner.state_key),
-                ("name", name, inner.name),
+                ("state_key", state_key, their_key),
+                ("name", name, their_name),
             ):
                 if mine == theirs:
                     raise ConfigurationError(
-                        f"{_OWNER} was added twice with {label}={mine!r}; each database "
-                        "needs its own name and state_key, e.g. "
-                        "add_middleware(DBSessionMiddleware, engine=replica, "
-                        "name='replica', state_key='replica_db')."
+                        f"{_OWNER} was added twice with {label}={mine!r} (inside this one or "
+                        "in a mounted application); each database needs its own name and "
+                        "state_key, e.g. add_middleware(DBSessionMiddleware, engine=replica, "
+                        "name='replica', state_key='replica_db'), and its middleware is added "
+                        "once, to the outermost application."
                     )
-        inner = getattr(inner, "app", None)
-        if inner is None:
-            return
+        pending.append(getattr(node, "middleware_stack", None))
+        pending.append(getattr(node, "app", None))
+        pending.extend(getattr(route, "app", None) for route in getattr(node, "routes", None) or ())
