@@ -23,6 +23,7 @@ from .otel import SessionSpans
 from .policy import CommitPolicy, commit_below_400
 from .pool import instrument_pool
 from .reporting import LEVELS, Reporter
+from .request_context import RouteLabels
 from .request_state import RequestState
 from .session_calls import SessionCalls
 from .slots import SessionSlots
@@ -158,12 +159,14 @@ class DBSessionMiddleware:
         )
         reporter = Reporter(name=name, closed_level=closed_log_level, metrics=db_metrics)
         reporter.spans = SessionSpans.create(tracer_provider)
+        reporter.routes = RouteLabels(app)
         if leak_threshold is not None:
             reporter.leaks = LeakRegistry(
                 threshold=float(leak_threshold),
                 exempt_routes=frozenset(leak_exempt_routes),
                 on_suspect=reporter.leak_suspected,
                 on_sweep=reporter.swept,
+                route_of=reporter.routes.label,
             )
         if db_metrics is not None:
             db_metrics.leak_threshold.set(leak_threshold or 0)

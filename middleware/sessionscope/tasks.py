@@ -52,7 +52,6 @@ from . import outcome as oc
 from . import statements
 from .errors import ConfigurationError, SessionNotAvailableError
 from .lifecycle import SessionSettings
-from .request_context import route_template
 from .request_state import RequestState
 from .session_calls import run_to_completion
 from .source import AnySession
@@ -173,7 +172,7 @@ async def _task_session(
                 outcome = oc.ROLLBACK
             await run_to_completion(session, "close")
     finally:
-        reporter.task_closed(route_template(scope), outcome, perf_counter() - opened)
+        reporter.task_closed(reporter.routes.label(scope), outcome, perf_counter() - opened)
 
 
 async def _call_with(function: TaskFunction, session: AnySession) -> Any:
