@@ -19,7 +19,7 @@ from structlog.testing import capture_logs
 from sessionscope import DBSessionMiddleware, SessionClosedError
 from sessionscope.thread_lane import ThreadLane
 
-from .support import Backend, Exchange, children, items, request
+from .support import Backend, Exchange, children, http_scope, items, request
 
 pytestmark = pytest.mark.anyio
 
@@ -332,6 +332,44 @@ async def test_a_late_write_hidden_in_a_comment_or_a_cte_is_reported(
     ]
     closed = [e for e in logs if e["event"] == "db_session.closed"]
     assert [(e["outcome"], e["reason"]) for e in closed] == [("rollback", "late_write")]
+
+
+async def test_a_request_that_saw_the_client_leave_before_its_response_rolls_back(
+    backend: Backend,
+) -> None:
+    """Servers do not cancel the application when the client leaves (see the README's
+    Limits); an application that was told so by ``receive()`` and answers anyway is rolled
+    back."""
+    from prometheus_client import CollectorRegistry
+
+    from .metric_support import value
+
+    incoming = [{"type": "http.request", "body": b"", "more_body": False}]
+    incoming.append({"type": "http.disconnect"})
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return incoming.pop(0)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await backend.insert(scope["state"]["db"], "abandoned")
+        assert (await receive())["type"] == "http.disconnect"
+        await send({"type": "http.response.start", "status": 201})
+        await send({"type": "http.response.body", "body": b"created"})
+
+    registry = CollectorRegistry()
+    middleware = DBSessionMiddleware(app, engine=backend.engine, registry=registry)
+    with capture_logs() as logs:
+        await middleware(http_scope("/items", "POST"), receive, send)
+    assert backend.names() == []
+    closed = [e for e in logs if e["event"] == "db_session.closed"]
+    assert [(e["outcome"], e["reason"]) for e in closed] == [("rollback", "disconnected")]
+    assert value(registry, "db_session_rollbacks_total", reason="disconnected") == 1
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
 
 
 async def test_reads_after_the_decision_are_not_reported_as_late_writes(backend: Backend) -> None:
