@@ -47,7 +47,7 @@ from .source import AnySession, SessionSource
 from .statements import StatementTally
 
 if TYPE_CHECKING:
-    from starlette.types import Message, Scope, Send
+    from starlette.types import Message, Receive, Scope, Send
 
     from .reporting import Reporter
 
@@ -136,16 +136,21 @@ class RequestSession(StatementTally):
     closed_at: float = 0.0
     commit_seconds: float | None = None
     """How long the decided commit took (reported with the close)."""
+    disconnected: bool = False
+    """The application received ``http.disconnect`` before its response started: roll back."""
 
     state: RequestState
     """The request's state, where the session is remembered once created (set by the
     middleware right after construction)."""
 
-    def __init__(self, settings: SessionSettings, scope: Scope, send: Send) -> None:
+    def __init__(
+        self, settings: SessionSettings, scope: Scope, send: Send, receive: Receive
+    ) -> None:
         self.loop_thread = threading.get_ident()  # created by the middleware, on the loop
         self.settings = settings
         self.scope = scope
         self._send = send
+        self._receive = receive
         slots: SessionSlots | None
         if settings.replica is not None and scope["method"] in settings.read_only_methods:
             self.source, slots = settings.replica, settings.replica_slots
@@ -238,6 +243,14 @@ class RequestSession(StatementTally):
 
     # -- decided ---------------------------------------------------------------------------
 
+    async def receive(self) -> Message:
+        """The ``receive`` the application sees: remembers a disconnect seen before the
+        response started (servers do not cancel the application when the client leaves)."""
+        message = await self._receive()
+        if message["type"] == "http.disconnect" and self.phase is _RUNNING:
+            self.disconnected = True
+        return message
+
     def send(self, message: Message) -> Awaitable[None]:
         """The ``send`` the application sees: decides at ``http.response.start``.
 
@@ -282,8 +295,9 @@ class RequestSession(StatementTally):
         if not sync.in_transaction():
             self.outcome = oc.UNUSED
             return True
-        if not self.settings.commit_on(status):
-            self.outcome, self.reason = oc.ROLLBACK, rollback_reason(status)
+        if self.disconnected or not self.settings.commit_on(status):
+            reason = oc.DISCONNECTED if self.disconnected else rollback_reason(status)
+            self.outcome, self.reason = oc.ROLLBACK, reason
             await self._rollback(self.reason)
             return True
         started = perf_counter()
@@ -359,7 +373,7 @@ class RequestSession(StatementTally):
         """Roll back the undecided or late transaction and return its connection."""
         reason: str | None = None
         if self.phase is _RUNNING:
-            reason = _undecided_reason(exc)
+            reason = oc.DISCONNECTED if self.disconnected else _undecided_reason(exc)
             self.outcome, self.reason = oc.ROLLBACK, reason
         elif self._wrote_late(sync):
             reason = oc.LATE_WRITE

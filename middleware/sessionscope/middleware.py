@@ -197,7 +197,7 @@ class DBSessionMiddleware:
         if scope["type"] != "http" or scope["path"] in self.exclude_paths:
             await self.app(scope, receive, send)
             return
-        rs = RequestSession(self.settings, scope, send)
+        rs = RequestSession(self.settings, scope, send, receive)
         state = RequestState.serve(scope, self.name, self.state_key, rs)
         if state is None:
             raise ConfigurationError(
@@ -213,7 +213,7 @@ class DBSessionMiddleware:
             rs.parent = parent
         token = CURRENT.set(rs)
         try:
-            await self.app(scope, receive, rs.send)
+            await self.app(scope, rs.receive, rs.send)
         except PoolTimeoutError as exc:
             if rs.started:
                 await rs.finish(exc)
