@@ -385,7 +385,8 @@ def dashboard_rows(ns: str = cat.DEFAULT_NAMESPACE) -> list[Row]:
                     "Rollbacks per second: status_4xx/status_5xx are the app's own answers; "
                     "exception, commit_error and cancelled are failures; late_write is work done "
                     "after the response started that was never committed (lost data: commit it "
-                    "in its own session_scope).",
+                    "in its own session_scope); disconnected: the client had left before the "
+                    "response.",
                     stacked=True,
                 ),
                 Panel(

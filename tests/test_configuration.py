@@ -103,3 +103,39 @@ async def test_a_state_key_taken_by_the_lifespan_state_is_a_clear_error(engine: 
     scope["state"] = {"db": "something from the lifespan"}
     with pytest.raises(ConfigurationError, match=r"request.state.db is already taken"):
         await request(make(engine=engine), scope=scope)
+
+
+@pytest.mark.parametrize("same", ["state_key", "name"])
+def test_a_mounted_app_with_its_own_middleware_on_the_same_key_is_refused_at_build(
+    engine: Any, same: str
+) -> None:
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    other = {"name": "other", "state_key": "other_db"}
+    other.pop(same)
+    sub = Starlette()
+    sub.add_middleware(DBSessionMiddleware, engine=engine, registry=CollectorRegistry(), **other)
+    outer = Starlette(routes=[Mount("/v2", app=sub)])
+    outer.add_middleware(DBSessionMiddleware, engine=engine, registry=CollectorRegistry())
+    with pytest.raises(ConfigurationError, match=f"added twice with {same}=.*mounted"):
+        outer.build_middleware_stack()
+
+
+@pytest.mark.anyio
+async def test_a_mounted_middleware_the_build_cannot_see_fails_its_first_request_clearly(
+    engine: Any,
+) -> None:
+    """Behind an ASGI callable that hides it, the duplicate is found at the first request."""
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    sub = make(engine=engine)
+
+    async def hidden(scope: Any, receive: Any, send: Any) -> None:
+        await sub(scope, receive, send)
+
+    outer = Starlette(routes=[Mount("/v2", app=hidden)])
+    outer.add_middleware(DBSessionMiddleware, engine=engine, registry=CollectorRegistry())
+    with pytest.raises(ConfigurationError, match=r"request.state.db is already taken.*mounted"):
+        await request(outer, "/v2/x")

@@ -231,3 +231,31 @@ async def test_a_route_without_the_middleware_gets_a_clear_error() -> None:
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
         with pytest.raises(SessionNotAvailableError, match="add it with"):
             await c.get("/")
+
+
+async def test_dependency_overrides_replace_the_request_session() -> None:
+    """FastAPI's usual override: ``app.dependency_overrides[get_db] = ...`` reaches every
+    route declaring ``DBSession`` (``get_async_db`` for ``AsyncDBSession``)."""
+    from sessionscope.fastapi import get_async_db, get_db
+
+    app = FastAPI()
+
+    @app.get("/sync")
+    def sync_route(db: DBSession) -> str:
+        return str(db.info["who"])
+
+    @app.get("/async")
+    async def async_route(db: AsyncDBSession) -> str:
+        return str(db.info["who"])
+
+    def fake_session() -> Session:
+        return Session(info={"who": "override"})
+
+    def fake_async_session() -> AsyncSession:
+        return AsyncSession(info={"who": "async override"})
+
+    app.dependency_overrides[get_db] = fake_session
+    app.dependency_overrides[get_async_db] = fake_async_session
+    async with client(app) as c:
+        assert (await c.get("/sync")).json() == "override"
+        assert (await c.get("/async")).json() == "async override"

@@ -18,7 +18,7 @@ from structlog.testing import capture_logs
 
 from sessionscope import DBSessionMiddleware, SessionClosedError
 
-from .support import Backend, Exchange, children, items, request
+from .support import Backend, Exchange, children, http_scope, items, request
 
 pytestmark = pytest.mark.anyio
 
@@ -291,6 +291,75 @@ async def test_writes_after_the_decision_are_rolled_back_and_reported_unless_com
     late = [e for e in logs if e["event"] == "db_session.late_write"]
     assert len(late) == 1
     assert late[0]["log_level"] == "warning"
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "/* tag */ INSERT INTO ss_items (name) VALUES ('forgotten-late')",
+        "WITH i AS (INSERT INTO ss_items (name) VALUES ('forgotten-late') RETURNING id) "
+        "SELECT id FROM i",
+    ],
+    ids=["comment", "cte"],
+)
+async def test_a_late_write_hidden_in_a_comment_or_a_cte_is_reported(
+    backend: Backend, statement: str
+) -> None:
+    if backend.id.startswith("sqlite") and "WITH" in statement:
+        pytest.skip("SQLite has no data-modifying WITH clauses")
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        session = scope["state"]["db"]
+        await send({"type": "http.response.start", "status": 200})
+        await send({"type": "http.response.body", "body": b"done"})
+        await backend.run(session, lambda s: s.execute(sa.text(statement)))
+
+    with capture_logs() as logs:
+        await request(DBSessionMiddleware(app, engine=backend.engine))
+    assert backend.names() == []
+    assert [e["event"] for e in logs if e["event"] == "db_session.late_write"] == [
+        "db_session.late_write"
+    ]
+    closed = [e for e in logs if e["event"] == "db_session.closed"]
+    assert [(e["outcome"], e["reason"]) for e in closed] == [("rollback", "late_write")]
+
+
+async def test_a_request_that_saw_the_client_leave_before_its_response_rolls_back(
+    backend: Backend,
+) -> None:
+    """Servers do not cancel the application when the client leaves (see the README's
+    Limits); an application that was told so by ``receive()`` and answers anyway is rolled
+    back."""
+    from prometheus_client import CollectorRegistry
+
+    from .metric_support import value
+
+    incoming = [{"type": "http.request", "body": b"", "more_body": False}]
+    incoming.append({"type": "http.disconnect"})
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return incoming.pop(0)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await backend.insert(scope["state"]["db"], "abandoned")
+        assert (await receive())["type"] == "http.disconnect"
+        await send({"type": "http.response.start", "status": 201})
+        await send({"type": "http.response.body", "body": b"created"})
+
+    registry = CollectorRegistry()
+    middleware = DBSessionMiddleware(app, engine=backend.engine, registry=registry)
+    with capture_logs() as logs:
+        await middleware(http_scope("/items", "POST"), receive, send)
+    assert backend.names() == []
+    closed = [e for e in logs if e["event"] == "db_session.closed"]
+    assert [(e["outcome"], e["reason"]) for e in closed] == [("rollback", "disconnected")]
+    assert value(registry, "db_session_rollbacks_total", reason="disconnected") == 1
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
 
 
 async def test_reads_after_the_decision_are_not_reported_as_late_writes(backend: Backend) -> None:

@@ -79,3 +79,22 @@ async def test_asgi_correlation_id_is_used_when_that_middleware_runs_outside(
     with capture_logs() as logs:
         await request(outer, headers=[(b"x-request-id", b"0f7e1cd5c7d24e6f9d0c3b5a6e8f1a2b")])
     assert logs[0]["request_id"] == "0f7e1cd5c7d24e6f9d0c3b5a6e8f1a2b"
+
+
+@pytest.mark.parametrize(
+    "hostile", [b"\x1b[31mred\x1b[0m", b"x" * 300, b'say "hi"'], ids=["ansi", "long", "quotes"]
+)
+async def test_an_unchecked_asgi_correlation_id_is_replaced_never_logged(
+    backend: Backend, hostile: bytes
+) -> None:
+    """asgi-correlation-id with ``validator=None`` passes any header on: it gets the same
+    check as X-Request-ID."""
+    from asgi_correlation_id import CorrelationIdMiddleware
+
+    outer = CorrelationIdMiddleware(app_for(backend), validator=None)
+    with capture_logs() as logs:
+        await request(outer, headers=[(b"x-request-id", hostile)])
+    (closed,) = logs
+    assert closed["request_id"] != hostile.decode()
+    assert len(closed["request_id"]) == 32
+    assert hostile.decode() not in repr(logs)

@@ -9,9 +9,13 @@ from typing import Any
 import anyio
 import httpx
 import pytest
-from fastapi import FastAPI
+import sqlalchemy as sa
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry, generate_latest
+from starlette.applications import Starlette
+from starlette.routing import Route
+from structlog.testing import capture_logs
 
 from sessionscope import DBSessionMiddleware, session_scope
 from sessionscope.catalogue import CATALOGUE
@@ -185,6 +189,28 @@ async def test_a_cancelled_request_is_counted_as_a_cancelled_rollback(backend: B
     assert value(registry, "db_sessions_open") == 0
 
 
+async def test_a_session_that_only_streams_is_not_counted_unused(backend: Backend) -> None:
+    """Statements run only after the response started (a streamed export): the session was
+    used; its outcome is what the status decided, as for a request that read first."""
+    registry = CollectorRegistry()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        session = scope["state"]["db"]
+        await send({"type": "http.response.start", "status": 200})
+        for _ in range(2):
+            count = await backend.count(session)
+            await send({"type": "http.response.body", "body": b"%d" % count, "more_body": True})
+        await send({"type": "http.response.body"})
+
+    with capture_logs() as logs:
+        await request(DBSessionMiddleware(app, engine=backend.engine, registry=registry))
+    closed = [e for e in logs if e["event"] == "db_session.closed"]
+    assert [(e["outcome"], e["statements"]) for e in closed] == [("commit", 2)]
+    assert value(registry, "db_sessions_closed_total", route="__unmatched__", outcome="unused") == 0
+    assert value(registry, "db_sessions_closed_total", route="__unmatched__", outcome="commit") == 1
+    assert value(registry, "db_session_rollbacks_total") == 0
+
+
 async def test_a_session_never_used_is_counted_unused(backend: Backend) -> None:
     registry = CollectorRegistry()
 
@@ -293,3 +319,43 @@ async def test_the_exposition_passes_promtool_check_metrics(backend: Backend) ->
         [promtool(), "check", "metrics"], input=generate_latest(registry), check=False
     )
     assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
+
+
+async def test_route_labels_keep_router_prefixes_and_mount_paths() -> None:
+    """One route included with and without a prefix, and mounted twice: four series, each
+    labelled with the full template (never the raw path)."""
+    engine = sa.create_engine("sqlite://")
+    registry = CollectorRegistry()
+    router = APIRouter()
+
+    @router.get("/items/{i}")
+    async def item(i: int, request: Request) -> int:
+        request.state.db  # noqa: B018 - creates the session
+        return i
+
+    async def plain(request: Any) -> JSONResponse:
+        request.state.db  # noqa: B018
+        return JSONResponse(1)
+
+    app = FastAPI()
+    app.include_router(router, prefix="/a")
+    app.include_router(router)
+    sub = FastAPI()
+    sub.include_router(router)
+    app.mount("/v2", sub)
+    app.mount("/t/{tenant}", Starlette(routes=[Route("/items/{i}", plain)]))
+    app.add_middleware(DBSessionMiddleware, engine=engine, registry=registry)
+    async with client(app) as c:
+        for path in ["/a/items/1", "/items/2", "/v2/items/3", "/t/acme/items/4", "/a/items/5"]:
+            assert (await c.get(path)).status_code == 200
+    labels = {
+        route: value(registry, "db_sessions_closed_total", route=route, outcome="unused")
+        for route in ["/a/items/{i}", "/items/{i}", "/v2/items/{i}", "/t/{tenant}/items/{i}"]
+    }
+    assert labels == {
+        "/a/items/{i}": 2,
+        "/items/{i}": 1,
+        "/v2/items/{i}": 1,
+        "/t/{tenant}/items/{i}": 1,
+    }
+    engine.dispose()

@@ -14,6 +14,7 @@ from starlette.requests import Request
 
 from sessionscope import DBSessionMiddleware
 from sessionscope.fastapi import AsyncDBSession, DBSession
+from sessionscope.tasks import gather_with_sessions
 
 from .metric_support import value
 from .support import BACKENDS, Backend, backend_for, items
@@ -102,3 +103,32 @@ async def test_a_request_that_cannot_get_a_connection_in_time_gets_503_with_retr
     assert backend.names() == ["held", "second"]
     assert value(registry, "db_pool_timeouts_total") >= 1
     assert value(registry, "db_pool_pending_requests") == 0
+
+
+async def test_a_pool_timeout_in_gather_with_sessions_gets_503_with_retry_after(
+    one_connection: Backend,
+) -> None:
+    """The task group raises the timeouts as an ExceptionGroup: still a 503, not a 500."""
+    backend = one_connection
+    registry = CollectorRegistry()
+    held, release = anyio.Event(), anyio.Event()
+    app = holding_app(backend, registry, held, release)
+
+    def read(session: Any) -> int:
+        return len(session.execute(items.select()).all())
+
+    @app.get("/fanout")
+    async def fanout(request: Request) -> list[int]:
+        return await gather_with_sessions(request, read, read, commit=False)
+
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(c.post, "/hold")
+            await held.wait()
+            answer = await c.get("/fanout")
+            release.set()
+        assert answer.status_code == 503
+        assert answer.headers["retry-after"] == "1"
+        assert "pool" in answer.json()["detail"]
+        assert (await c.get("/fanout")).json() == [1, 1]  # serves normally afterwards

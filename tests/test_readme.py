@@ -44,6 +44,17 @@ def test_every_exported_metric_is_explained_on_the_metrics_page() -> None:
     assert missing == []
 
 
+def test_every_error_phase_is_listed_in_the_help_text_and_the_metrics_page() -> None:
+    from sessionscope._outcome import PHASES
+    from sessionscope.catalogue import SESSION_ERRORS
+
+    row = next(
+        line for line in page("monitoring.md").splitlines() if "`db_session_errors_total`" in line
+    )
+    assert [p for p in PHASES if p not in SESSION_ERRORS.help] == []
+    assert [p for p in PHASES if f"`{p}`" not in row] == []
+
+
 def test_the_readme_is_read_in_five_minutes() -> None:
     assert len(README.splitlines()) <= 300
 

@@ -153,3 +153,83 @@ def test_a_replica_of_another_kind_is_refused() -> None:
             Starlette(), engine=primary, replica_engine=replica, registry=CollectorRegistry()
         )
     primary.dispose()
+
+
+# Writes a keyword check on the SQL text does not see: the database itself must refuse them.
+BYPASSES = {
+    "comment-block": "/* tag */ INSERT INTO ss_items (name) VALUES ('sneaked')",
+    "comment-line": "-- c\nINSERT INTO ss_items (name) VALUES ('sneaked')",
+    "cte-insert": "WITH i AS (INSERT INTO ss_items (name) VALUES ('sneaked') RETURNING id) "
+    "SELECT id FROM i",
+    "cte-delete": "WITH d AS (DELETE FROM ss_items RETURNING id) SELECT count(*) FROM d",
+}
+
+
+@pytest.mark.parametrize("statement", sorted(BYPASSES))
+async def test_the_database_refuses_every_write_of_a_read_only_request(
+    backend: Backend, statement: str
+) -> None:
+    if backend.id.startswith("sqlite") and statement.startswith("cte"):
+        pytest.skip("SQLite has no data-modifying WITH clauses")
+    with backend.check.begin() as conn:
+        conn.execute(items.insert().values(name="kept"))
+    # The same database as 'replica': what is tested is the guard, not the routing.
+    replica: Any = (
+        create_async_engine(backend.engine.url)
+        if isinstance(backend.engine, AsyncEngine)
+        else sa.create_engine(backend.engine.url)
+    )
+
+    async def run(request: Request) -> JSONResponse:
+        sql = sa.text(BYPASSES[statement])
+        await backend.run(request.state.db, lambda s: s.execute(sql))
+        return JSONResponse("ran")
+
+    app = Starlette(routes=[Route("/run", run)])
+    app.add_middleware(
+        DBSessionMiddleware,
+        engine=backend.engine,
+        replica_engine=replica,
+        registry=CollectorRegistry(),
+    )
+    try:
+        with capture_logs():
+            async with client(app) as c:
+                with pytest.raises(ReadOnlyRequestError, match="read replica"):
+                    await c.get("/run")
+        assert backend.names() == ["kept"]
+        sync_replica = replica.sync_engine if isinstance(replica, AsyncEngine) else replica
+        assert sync_replica.pool.checkedout() == 0
+    finally:
+        if isinstance(replica, AsyncEngine):
+            await replica.dispose()
+        else:
+            replica.dispose()
+
+
+async def test_a_connection_shared_with_the_primary_writes_again_after_a_read_only_request(
+    backend: Backend,
+) -> None:
+    """The read-only mode lasts one transaction: the same engine as primary and replica (one
+    pool) still writes in a POST after a GET."""
+
+    async def names(request: Request) -> JSONResponse:
+        return JSONResponse(await backend.count(request.state.db))
+
+    async def write(request: Request) -> JSONResponse:
+        await backend.insert(request.state.db, "written")
+        return JSONResponse({}, status_code=201)
+
+    routes = [Route("/names", names), Route("/write", write, methods=["POST"])]
+    app = Starlette(routes=routes)
+    app.add_middleware(
+        DBSessionMiddleware,
+        engine=backend.engine,
+        replica_engine=backend.engine,
+        registry=CollectorRegistry(),
+    )
+    async with client(app) as c:
+        for _ in range(3):
+            assert (await c.get("/names")).status_code == 200
+        assert (await c.post("/write")).status_code == 201
+    assert backend.names() == ["written"]

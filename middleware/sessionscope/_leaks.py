@@ -58,6 +58,8 @@ class LeakRegistry:
     on_suspect: Callable[[Suspect], None]
     on_sweep: Callable[[int, float], None]
     """Called after every sweep with (sessions over threshold, oldest age in seconds)."""
+    route_of: Callable[[Any], str] = route_template
+    """A request scope's route label (the reporter's, with router prefixes and mounts)."""
     _open: dict[int, OpenSession] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _thread: threading.Thread | None = None
@@ -90,7 +92,7 @@ class LeakRegistry:
         fresh: list[Suspect] = []
         for entry in entries:
             age = now - entry.opened_at
-            route = route_template(entry.rs.scope)
+            route = self.route_of(entry.rs.scope)
             if route in self.exempt_routes:
                 continue
             oldest = max(oldest, age)

@@ -51,7 +51,7 @@ from .errors import SessionClosedError
 from .hooks import CommitHooks
 
 if TYPE_CHECKING:
-    from starlette.types import Message, Scope, Send
+    from starlette.types import Message, Receive, Scope, Send
 
     from ._reporting import Reporter
 
@@ -156,16 +156,21 @@ class RequestSession(StatementTally):
     """Keeps statements and the decision apart (``settings.gated`` only)."""
     slot_timeout: PoolTimeoutError | None = None
     """The admission's timeout, if it gave up waiting for a pool slot."""
+    disconnected: bool = False
+    """The application received ``http.disconnect`` before its response started: roll back."""
 
     state: RequestState
     """The request's state, where the session is remembered once created (set by the
     middleware right after construction)."""
 
-    def __init__(self, settings: SessionSettings, scope: Scope, send: Send) -> None:
+    def __init__(
+        self, settings: SessionSettings, scope: Scope, send: Send, receive: Receive
+    ) -> None:
         self.loop_thread = threading.get_ident()  # created by the middleware, on the loop
         self.settings = settings
         self.scope = scope
         self._send = send
+        self._receive = receive
         slots: SessionSlots | None
         if settings.replica is not None and scope["method"] in settings.read_only_methods:
             self.source, slots = settings.replica, settings.replica_slots
@@ -292,6 +297,14 @@ class RequestSession(StatementTally):
 
     # -- decided ---------------------------------------------------------------------------
 
+    async def receive(self) -> Message:
+        """The ``receive`` the application sees: remembers a disconnect seen before the
+        response started (servers do not cancel the application when the client leaves)."""
+        message = await self._receive()
+        if message["type"] == "http.disconnect" and self.phase is _RUNNING:
+            self.disconnected = True
+        return message
+
     def send(self, message: Message) -> Awaitable[None]:
         """The ``send`` the application sees: decides at ``http.response.start``.
 
@@ -343,8 +356,9 @@ class RequestSession(StatementTally):
         if not sync.in_transaction():
             self.outcome = oc.UNUSED
             return True
-        if not self.settings.commit_on(status):
-            self.outcome, self.reason = oc.ROLLBACK, rollback_reason(status)
+        if self.disconnected or not self.settings.commit_on(status):
+            reason = oc.DISCONNECTED if self.disconnected else rollback_reason(status)
+            self.outcome, self.reason = oc.ROLLBACK, reason
             await self._rollback(self.reason)
             return True
         started = perf_counter()
@@ -403,6 +417,8 @@ class RequestSession(StatementTally):
         else:
             if self.phase is _RUNNING:
                 self.outcome = oc.UNUSED
+            elif self.outcome == oc.UNUSED and self.statements:
+                self._used_late_only()
             self.phase = _CLOSED
             if sync.identity_map:
                 # No transaction, so no I/O: detach the loaded objects, inline. (Pending
@@ -418,13 +434,15 @@ class RequestSession(StatementTally):
         """Roll back the undecided or late transaction and return its connection."""
         reason: str | None = None
         if self.phase is _RUNNING:
-            reason = _undecided_reason(exc)
+            reason = oc.DISCONNECTED if self.disconnected else _undecided_reason(exc)
             self.outcome, self.reason = oc.ROLLBACK, reason
         elif self._wrote_late(sync):
             reason = oc.LATE_WRITE
             self.settings.reporter.late_write(self)
             if self.outcome in (None, oc.UNUSED):
                 self.outcome, self.reason = oc.ROLLBACK, reason
+        elif self.outcome == oc.UNUSED:
+            reason = self._used_late_only()
         self.phase = _CLOSED
         try:
             # close() rolls back the transaction and returns its connection: one call.
@@ -435,6 +453,16 @@ class RequestSession(StatementTally):
         else:
             if reason is not None:
                 self.settings.reporter.rolled_back(self, reason)
+
+    def _used_late_only(self) -> str | None:
+        """Classify a session whose statements all ran after the decision (a streamed body):
+        it was used, so its outcome is what the status decided; the rollback reason, if any."""
+        status = self.status
+        if status is None or self.settings.commit_on(status):
+            self.outcome = oc.COMMIT
+            return None
+        self.outcome, self.reason = oc.ROLLBACK, rollback_reason(status)
+        return self.reason
 
     async def respond_unavailable(self, exc: PoolTimeoutError) -> None:
         """Answer ``503`` with ``Retry-After`` for a pool timeout before the response started."""

@@ -14,6 +14,8 @@ EXCEPTION: Final = "exception"
 CANCELLED: Final = "cancelled"
 COMMIT_ERROR: Final = "commit_error"
 LATE_WRITE: Final = "late_write"
+DISCONNECTED: Final = "disconnected"
+"""The application was told by ``receive()`` that the client left, before its response."""
 ROLLBACK_REASONS: Final = (
     "status_4xx",
     "status_5xx",
@@ -21,6 +23,7 @@ ROLLBACK_REASONS: Final = (
     CANCELLED,
     COMMIT_ERROR,
     LATE_WRITE,
+    DISCONNECTED,
 )
 
 # Phases in which a session operation can fail.

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Final
 import structlog
 from sqlalchemy.exc import StatementError
 
-from ._request_context import correlation_id_source, request_id, route_template
+from ._request_context import RouteLabels, correlation_id_source, request_id
 
 if TYPE_CHECKING:
     from sqlalchemy.exc import TimeoutError as PoolTimeoutError
@@ -152,6 +152,8 @@ class Reporter:
         self.leaks = leaks
         self.pool: PoolInstruments | None = None
         self.spans: SessionSpans | None = None
+        self.routes = RouteLabels(None)
+        """Route labels with their prefixes (the middleware points it at its application)."""
         self._log = EventLog()
         self._closed_level = None if closed_level is None else LEVELS[closed_level]
         self._correlation = correlation_id_source()
@@ -163,7 +165,7 @@ class Reporter:
             rs.request_id = request_id(scope, self._correlation)
         return {
             "db": self.name,
-            "route": route_template(scope),
+            "route": self.routes.label(scope),
             "method": scope.get("method"),
             "request_id": rs.request_id,
         }
@@ -295,7 +297,7 @@ class Reporter:
             self.spans.end(rs.span, rs)
             rs.span = None
         metrics = self.metrics
-        route = route_template(rs.scope)
+        route = self.routes.label(rs.scope)
         if metrics is not None:
             metrics.sessions.closed(
                 metrics.route(route).sessions,

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import sessionmaker
 
+from ._read_only import read_only_engine
 from .errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -188,7 +189,8 @@ def _sync_engine(bind: object) -> Engine | None:
 
 
 def replica_source(primary: SessionSource, replica: object, *, owner: str) -> SessionSource:
-    """A source like ``primary`` (same session class and options) bound to ``replica``."""
+    """A source like ``primary`` (same session class and options) bound to ``replica``, whose
+    transactions the database runs read-only (see :mod:`sessionscope._read_only`)."""
     if primary.is_async and not is_async_engine(replica):
         raise ConfigurationError(
             f"{owner}: the database is async, so replica_engine= must be an AsyncEngine, "
@@ -205,9 +207,12 @@ def replica_source(primary: SessionSource, replica: object, *, owner: str) -> Se
         assert is_async_engine(replica)
         from sqlalchemy.ext.asyncio import async_sessionmaker
 
-        factory = async_sessionmaker(replica, class_=primary.factory.class_, **options)
+        factory = async_sessionmaker(
+            read_only_engine(replica), class_=primary.factory.class_, **options
+        )
         return SessionSource(factory, True, replica.sync_engine)
     assert isinstance(replica, Engine)
     # sessionmaker() makes a subclass of the class it is given: hand it the user's class.
     base = primary.factory.class_.__bases__[0]
-    return SessionSource(sessionmaker(replica, class_=base, **options), False, replica)
+    factory = sessionmaker(read_only_engine(replica), class_=base, **options)
+    return SessionSource(factory, False, replica)

@@ -28,8 +28,11 @@ CURRENT: Final[ContextVar[StatementTally | None]] = ContextVar(
 """The tally of the request running in this context: the middleware sets it around the
 application (and links the tally that was current before as its ``parent``)."""
 _WRITE_PREFIX: Final = re.compile(
-    r"\s*(INSERT|UPDATE|DELETE|MERGE|UPSERT|REPLACE|CREATE|DROP|ALTER|TRUNCATE|COPY)\b",
-    re.IGNORECASE,
+    # after leading comments: a writing statement, or a WITH clause holding one
+    r"(?:\s+|--[^\n]*(?:\n|$)|/\*.*?\*/)*"
+    r"(?:(?:INSERT|UPDATE|DELETE|MERGE|UPSERT|REPLACE|CREATE|DROP|ALTER|TRUNCATE|COPY)\b"
+    r"|WITH\b.*?(?<!FOR )\b(?:INSERT|UPDATE|DELETE|MERGE)\b)",
+    re.IGNORECASE | re.DOTALL,
 )
 
 

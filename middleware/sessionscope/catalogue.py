@@ -109,7 +109,8 @@ SESSION_HELD: Final = _c(
 )
 SESSION_ROLLBACKS: Final = _c(
     "session_rollbacks_total",
-    "Rollbacks by reason (status_4xx, status_5xx, exception, cancelled, commit_error, late_write).",
+    "Rollbacks by reason (status_4xx, status_5xx, exception, cancelled, commit_error, "
+    "late_write, disconnected).",
     "reason",
 )
 SESSION_COMMIT_DURATION: Final = _h(
@@ -119,7 +120,8 @@ SESSION_COMMIT_DURATION: Final = _h(
 )
 SESSION_ERRORS: Final = _c(
     "session_errors_total",
-    "Errors raised by commit, rollback or close of a request session.",
+    "Errors by phase: commit, rollback or close of a request session, or hook (an "
+    "after-commit hook raised).",
     "phase",
     "error_type",
 )

@@ -1,8 +1,11 @@
 """FastAPI dependencies for the request session (needs the ``sessionscope[fastapi]`` extra).
 
 ``DBSession`` and ``AsyncDBSession`` are ``Annotated`` types: a route parameter declared with
-one receives the very object at ``request.state.<state_key>``. ``get_session(name)`` returns
-the dependency for a database added with ``DBSessionMiddleware(..., name=name)``.
+one receives the very object at ``request.state.<state_key>``. Their dependencies are
+``get_db`` and ``get_async_db``, which tests can replace with FastAPI's
+``app.dependency_overrides[get_db] = ...``. ``get_session(name)`` returns a new dependency for
+a database added with ``DBSessionMiddleware(..., name=name)``: create it once and use that
+object in routes and overrides alike.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Final
 
 from fastapi import Depends
 from sqlalchemy.orm import Session
@@ -69,24 +72,36 @@ def _request_scoped(dependency: SessionDependency) -> Any:
     return Depends(dependency)
 
 
-DBSession = Annotated[Session, _request_scoped(get_session(kind=Session))]
+get_db: Final = get_session(kind=Session)
+"""The dependency behind ``DBSession``: the request's sync ``Session`` (the key to use in
+``app.dependency_overrides``)."""
+
+DBSession = Annotated[Session, _request_scoped(get_db)]
 """A route parameter that receives the request's sync ``Session``."""
 
 if TYPE_CHECKING:
-    AsyncDBSession = Annotated[AsyncSession, _request_scoped(get_session(kind=AsyncSession))]
+    get_async_db: Final = get_session(kind=AsyncSession)
+    """The dependency behind ``AsyncDBSession``: the request's ``AsyncSession`` (the key to
+    use in ``app.dependency_overrides``)."""
+
+    AsyncDBSession = Annotated[AsyncSession, _request_scoped(get_async_db)]
     """A route parameter that receives the request's ``AsyncSession``."""
 else:
 
     def __getattr__(name: str) -> Any:
-        # AsyncDBSession is built on first import: SQLAlchemy's asyncio extension needs
+        # The async names are built on first import: SQLAlchemy's asyncio extension needs
         # greenlet, which a sync application does not have to install.
+        if name == "get_async_db":
+            return _async_names()[0]
         if name == "AsyncDBSession":
-            return _async_db_session()
+            return _async_names()[1]
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @functools.cache
-def _async_db_session() -> Any:
+def _async_names() -> tuple[SessionDependency, Any]:
+    """``get_async_db`` and ``AsyncDBSession``, built once: the same objects at every import,
+    so that ``dependency_overrides[get_async_db]`` replaces the dependency routes use."""
     error = asyncio_missing()
     if error is not None:
         raise ImportError(
@@ -95,7 +110,8 @@ def _async_db_session() -> Any:
         ) from error
     from sqlalchemy.ext.asyncio import AsyncSession
 
-    return Annotated[AsyncSession, _request_scoped(get_session(kind=AsyncSession))]
+    dependency = get_session(kind=AsyncSession)
+    return dependency, Annotated[AsyncSession, _request_scoped(dependency)]
 
 
-__all__ = ["AsyncDBSession", "DBSession", "get_session"]
+__all__ = ["AsyncDBSession", "DBSession", "get_async_db", "get_db", "get_session"]

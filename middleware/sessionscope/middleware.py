@@ -23,6 +23,7 @@ from ._otel import SessionSpans
 from ._policy import CommitPolicy, commit_below_400
 from ._pool import instrument_pool
 from ._reporting import LEVELS, Reporter
+from ._request_context import RouteLabels
 from ._request_state import RequestState
 from ._session_calls import SessionCalls
 from ._slots import SessionSlots
@@ -166,12 +167,14 @@ class DBSessionMiddleware:
         )
         reporter = Reporter(name=name, closed_level=closed_log_level, metrics=db_metrics)
         reporter.spans = SessionSpans.create(tracer_provider)
+        reporter.routes = RouteLabels(app)
         if leak_threshold is not None:
             reporter.leaks = LeakRegistry(
                 threshold=float(leak_threshold),
                 exempt_routes=frozenset(leak_exempt_routes),
                 on_suspect=reporter.leak_suspected,
                 on_sweep=reporter.swept,
+                route_of=reporter.routes.label,
             )
         if db_metrics is not None:
             db_metrics.leak_threshold.set(leak_threshold or 0)
@@ -202,13 +205,14 @@ class DBSessionMiddleware:
         if scope["type"] != "http" or scope["path"] in self.exclude_paths:
             await self.app(scope, receive, send)
             return
-        rs = RequestSession(self.settings, scope, send)
+        rs = RequestSession(self.settings, scope, send, receive)
         state = RequestState.serve(scope, self.name, self.state_key, rs)
         if state is None:
             raise ConfigurationError(
                 f"{_OWNER}(name={self.name!r}): request.state.{self.state_key} is already "
-                "taken (by another DBSessionMiddleware or the lifespan state); give each "
-                "database its own state_key."
+                "taken (by another DBSessionMiddleware, e.g. one around the app this one is "
+                "mounted in, or by the lifespan state); give each database its own state_key "
+                "and add its middleware once, to the outermost application."
             )
         rs.state = state
         # The request's statements count into rs (inline: this runs for every request).
@@ -217,7 +221,7 @@ class DBSessionMiddleware:
             rs.parent = parent
         token = CURRENT.set(rs)
         try:
-            await self.app(scope, receive, rs.send)
+            await self.app(scope, rs.receive, rs.send)
         except PoolTimeoutError as exc:
             if rs.started:
                 await rs.finish(exc)
@@ -225,7 +229,11 @@ class DBSessionMiddleware:
             await rs.finish(exc)
             await rs.respond_unavailable(exc)
         except BaseException as exc:
+            timeout = None if rs.started else _only_pool_timeouts(exc)
             await rs.finish(exc)
+            if timeout is not None:  # e.g. from gather_with_sessions' task group
+                await rs.respond_unavailable(timeout)
+                return
             clear = None if rs.session is None else concurrent_use(exc)
             if clear is not None:
                 raise clear from exc
@@ -235,6 +243,19 @@ class DBSessionMiddleware:
                 await rs.close(None)
         finally:
             CURRENT.reset(token)
+
+
+def _only_pool_timeouts(exc: BaseException) -> PoolTimeoutError | None:
+    """The first pool timeout of an exception group made of nothing else, else ``None``."""
+    if not isinstance(exc, BaseExceptionGroup):
+        return None
+    first: PoolTimeoutError | None = None
+    for inner in exc.exceptions:
+        found = inner if isinstance(inner, PoolTimeoutError) else _only_pool_timeouts(inner)
+        if found is None:
+            return None
+        first = first or found
+    return first
 
 
 def _slots(source: SessionSource, name: str) -> SessionSlots | None:
@@ -278,17 +299,35 @@ def _warn_of_start_holders(app: ASGIApp) -> None:
 
 
 def _refuse_duplicates(app: ASGIApp, *, name: str, state_key: str) -> None:
-    """Fail when a DBSessionMiddleware further in uses the same name or state key."""
-    for inner in _inner_apps(app):
-        if isinstance(inner, DBSessionMiddleware):
+    """Fail when a DBSessionMiddleware further in, or in a mounted application (built or
+    still only declared with ``add_middleware``), uses the same name or state key."""
+    pending: list[Any] = [app]
+    seen: set[int] = set()
+    while pending and len(seen) < 1024:
+        node = pending.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        declared = [
+            (m.kwargs.get("name", "default"), m.kwargs.get("state_key", "db"))
+            for m in getattr(node, "user_middleware", None) or ()
+            if getattr(m, "cls", None) is DBSessionMiddleware
+        ]
+        if isinstance(node, DBSessionMiddleware):
+            declared.append((node.name, node.state_key))
+        for their_name, their_key in declared:
             for label, mine, theirs in (
-                ("state_key", state_key, inner.state_key),
-                ("name", name, inner.name),
+                ("state_key", state_key, their_key),
+                ("name", name, their_name),
             ):
                 if mine == theirs:
                     raise ConfigurationError(
-                        f"{_OWNER} was added twice with {label}={mine!r}; each database "
-                        "needs its own name and state_key, e.g. "
-                        "add_middleware(DBSessionMiddleware, engine=replica, "
-                        "name='replica', state_key='replica_db')."
+                        f"{_OWNER} was added twice with {label}={mine!r} (inside this one or "
+                        "in a mounted application); each database needs its own name and "
+                        "state_key, e.g. add_middleware(DBSessionMiddleware, engine=replica, "
+                        "name='replica', state_key='replica_db'), and its middleware is added "
+                        "once, to the outermost application."
                     )
+        pending.append(getattr(node, "middleware_stack", None))
+        pending.append(getattr(node, "app", None))
+        pending.extend(getattr(route, "app", None) for route in getattr(node, "routes", None) or ())

@@ -50,7 +50,6 @@ import anyio.to_thread
 from . import _outcome as oc
 from . import _statements as statements
 from ._lifecycle import SessionSettings
-from ._request_context import route_template
 from ._request_state import RequestState
 from ._session_calls import run_to_completion
 from ._source import AnySession, is_async_session
@@ -172,7 +171,7 @@ async def _task_session(
                 outcome = oc.ROLLBACK
             await run_to_completion(session, "close")
     finally:
-        reporter.task_closed(route_template(scope), outcome, perf_counter() - opened)
+        reporter.task_closed(reporter.routes.label(scope), outcome, perf_counter() - opened)
 
 
 async def _call_with(function: TaskFunction, session: AnySession) -> Any:
