@@ -8,8 +8,8 @@ Sessions:
   dependencies, every extra's included (uv's ``--resolution lowest-direct``): the floors are true.
 - ``newest``: the fast suite with every package, transitive ones too, at its newest release.
 - ``wheel``: builds the wheel, installs ``sessionscope[fastapi]`` from it and uvicorn, nothing
-  else, into a new venv, and serves the README's quick start (``tests/wheel``) under uvicorn:
-  a commit, a rollback, ``/metrics``, and no line printed per request.
+  else, into a new venv, and serves the README's quick start as printed (``tests/wheel``) under
+  uvicorn: a commit, a rollback, ``/metrics/``, and no line printed per request.
 
 Each session installs from an exact list that uv resolves (``uv pip compile``) and then syncs the
 venv to it, so a reused venv (``nox -r``) holds the same versions as a new one. The resolved

@@ -18,13 +18,15 @@ Everything here is installed on a copy of the replica engine that shares its poo
 from __future__ import annotations
 
 import sqlite3
-from typing import Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine, ExceptionContext
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .errors import ReadOnlyRequestError
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 READ_ONLY_MESSAGE: Final = (
     "this request was routed to the read replica (its method is read-only), so it "
@@ -35,7 +37,7 @@ _READ_ONLY_SQLSTATE: Final = "25006"
 """PostgreSQL's ``read_only_sql_transaction``."""
 
 
-E = TypeVar("E", Engine, AsyncEngine)
+E = TypeVar("E", "Engine", "AsyncEngine")
 
 
 def read_only_engine(engine: E) -> E:
@@ -46,7 +48,7 @@ def read_only_engine(engine: E) -> E:
         if name == "postgresql"
         else (engine.execution_options())
     )
-    sync = ro.sync_engine if isinstance(ro, AsyncEngine) else ro
+    sync = ro if isinstance(ro, Engine) else ro.sync_engine
     if name == "sqlite":
         event.listen(sync, "begin", _query_only_on)
         event.listen(sync, "commit", _query_only_off)

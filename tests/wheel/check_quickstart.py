@@ -1,13 +1,15 @@
-"""Serve the quick start under real uvicorn and check it as a user would; exit 1 on any failure.
+"""Serve the README's quick start under real uvicorn and check it as a user would; exit 1 on any
+failure.
 
 Run by the ``wheel`` nox session with the Python of a venv that holds ``sessionscope[fastapi]``
-installed from the built wheel, and uvicorn, nothing else. It starts uvicorn on 127.0.0.1 (a free
-port), drives the app with urllib and checks:
+installed from the built wheel, and uvicorn, nothing else. It copies the README's quick start
+(the block after ``<!-- quickstart -->``) into ``app.py`` in an empty folder, as a user would,
+starts ``uvicorn app:app`` there on 127.0.0.1 (a free port), drives it with urllib and checks:
 
 - ``sessionscope`` is found in site-packages (the wheel), not in the source tree;
-- ``POST /items`` answers 201 and its row is in the database (a commit);
-- ``POST /items/held`` answers 409 and its row is not (a rollback);
-- ``/metrics`` counts one committed and one rolled-back session, by route;
+- ``POST /items?name=teapot`` answers 201 and its row is in the database (a commit);
+- ``POST /items?name=draft-kettle`` answers 422 and its row is not (a rollback);
+- ``/metrics/`` counts one committed and one rolled-back session on ``/items``;
 - nothing is printed while requests are served (access log off, as in production): the
   library writes no line per request unless the application configures logging to.
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -31,7 +34,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+README = Path(__file__).resolve().parents[2] / "README.md"
+QUICKSTART = re.compile(r"<!-- quickstart -->\n```python\n(.*?)\n```", re.S)
 STARTED = "Uvicorn running on"
 START_TIMEOUT = 30.0
 
@@ -46,23 +50,22 @@ def free_port() -> int:
 class Server:
     """uvicorn in a child process; every line it prints is kept, in order."""
 
-    def __init__(self, database_url: str) -> None:
+    def __init__(self, folder: Path) -> None:
         self.port = free_port()
-        env = {**os.environ, "QUICKSTART_DATABASE_URL": database_url, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.process = subprocess.Popen(
             [
                 sys.executable,
                 "-m",
                 "uvicorn",
-                "quickstart_app:app",
-                "--app-dir",
-                str(HERE),
+                "app:app",
                 "--host",
                 "127.0.0.1",
                 "--port",
                 str(self.port),
                 "--no-access-log",
             ],
+            cwd=folder,
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -135,32 +138,36 @@ def main() -> int:
         f"sessionscope is the installed package, not the source tree (found {origin})",
     )
 
+    quickstart = QUICKSTART.search(README.read_text())
+    if quickstart is None:
+        raise SystemExit(f"no <!-- quickstart --> block in {README}")
     with tempfile.TemporaryDirectory() as tmp:
-        database = Path(tmp) / "quickstart.db"
-        server = Server(f"sqlite:///{database}")
+        (Path(tmp) / "app.py").write_text(quickstart.group(1) + "\n")
+        database = Path(tmp) / "app.db"  # the quick start's sqlite:///app.db
+        server = Server(Path(tmp))
         try:
             server.wait_started()
             quiet_from = len(server.lines)
 
-            status, body = request("POST", server.url("/items?name=first"))
+            status, body = request("POST", server.url("/items?name=teapot"))
             check(status == 201, f"POST /items answers 201 (got {status}: {body[:200]!r})")
             check(
                 status == 201 and json.loads(body) == {"id": 1},
                 f"POST /items returns the new id (got {body[:200]!r})",
             )
-            status, body = request("POST", server.url("/items/held?name=second"))
-            check(status == 409, f"POST /items/held answers 409 (got {status}: {body[:200]!r})")
-            status, body = request("GET", server.url("/healthz"))
-            check(status == 200, f"GET /healthz answers 200 (got {status})")
-            status, metrics = request("GET", server.url("/metrics"))
-            check(status == 200, f"GET /metrics answers 200 (got {status})")
+            status, body = request("POST", server.url("/items?name=draft-kettle"))
+            check(
+                status == 422, f"POST /items for a draft answers 422 (got {status}: {body[:200]!r})"
+            )
+            status, metrics = request("GET", server.url("/metrics/"))
+            check(status == 200, f"GET /metrics/ answers 200 (got {status})")
             time.sleep(0.5)  # let any line the requests caused arrive
             per_request_output = server.lines[quiet_from:]
         finally:
             server.stop()
 
         rows = sqlite3.connect(database).execute("select name from items order by id").fetchall()
-        check(rows == [("first",)], f"the database holds the committed row only (got {rows})")
+        check(rows == [("teapot",)], f"the database holds the committed row only (got {rows})")
 
         closed = metric_samples(metrics.decode(), "db_sessions_closed_total")
 
@@ -170,8 +177,8 @@ def main() -> int:
 
         check(count("/items", "commit") == 1, "db_sessions_closed_total counts 1 commit on /items")
         check(
-            count("/items/held", "rollback") == 1,
-            "db_sessions_closed_total counts 1 rollback on /items/held",
+            count("/items", "rollback") == 1,
+            "db_sessions_closed_total counts 1 rollback on /items",
         )
         rollbacks = metric_samples(metrics.decode(), "db_session_rollbacks_total")
         check(
