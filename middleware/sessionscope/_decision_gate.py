@@ -25,7 +25,7 @@ import anyio.from_thread
 import anyio.lowlevel
 from sqlalchemy import event
 from sqlalchemy.orm import ORMExecuteState, Session
-from sqlalchemy.util import await_
+from sqlalchemy.util import await_only  # await_ since SQLAlchemy 2.1, which keeps this name
 
 from .errors import ConcurrentSessionUseError
 
@@ -117,9 +117,9 @@ class DecisionGate:
             if opened is None:
                 continue
             if self._is_async:
-                # The listener runs in the greenlet of the AsyncSession call: await_ is how
+                # The listener runs in the greenlet of the AsyncSession call: await_only is how
                 # SQLAlchemy's own async drivers wait for the event loop from there.
-                await_(opened.wait())
+                await_only(opened.wait())
             elif threading.get_ident() == self._loop_thread:
                 # A sync session used on the event loop itself cannot wait here: the decision
                 # needs this thread to finish.
