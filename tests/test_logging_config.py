@@ -211,8 +211,8 @@ def test_an_app_that_configures_logging_gets_every_event_as_a_sessionscope_recor
         ("sessionscope", "DEBUG", "db_session.closed"),
         ("sessionscope", "ERROR", "db_session.commit_failed"),
         ("sessionscope", "DEBUG", "db_session.closed"),
-        ("sessionscope", "ERROR", "db_pool.timeout"),
         ("sessionscope", "DEBUG", "db_session.closed"),
+        ("sessionscope", "ERROR", "db_pool.timeout"),
         ("sessionscope", "WARNING", "db_session.pool_timeout"),
     ]
     closed = records[0]
@@ -233,7 +233,7 @@ def test_an_app_that_configures_logging_gets_every_event_as_a_sessionscope_recor
     assert failed["error_type"] == "IntegrityError"
     assert failed["driver_error"] == "IntegrityError"
     assert "Traceback" not in failed["message"]
-    assert records[4]["pool_size"] == 1
+    assert records[5]["pool_size"] == 1
 
 
 @pytest.mark.parametrize("kind", ["stdlib", "structlog"])
@@ -290,8 +290,8 @@ def test_an_app_that_configures_structlog_gets_the_events_from_structlog_only(
         ("db_session.closed", "debug"),
         ("db_session.commit_failed", "error"),
         ("db_session.closed", "debug"),
-        ("db_pool.timeout", "error"),
         ("db_session.closed", "debug"),
+        ("db_pool.timeout", "error"),
         ("db_session.pool_timeout", "warning"),
     ]
     assert events[0]["outcome"] == "commit"

@@ -28,7 +28,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
-from sqlalchemy.util import await_
+from sqlalchemy.util import await_only
 from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.middleware.gzip import GZipMiddleware
 from starlette.requests import Request
@@ -193,7 +193,7 @@ async def test_a_statement_started_while_the_decision_commits_waits_for_it_and_r
         committing.set()
         if isinstance(engine, AsyncEngine):
             loop_committing.set()
-            await_(release_async.wait())  # in the commit's greenlet, on the event loop
+            await_only(release_async.wait())  # in the commit's greenlet, on the event loop
         else:
             anyio.from_thread.run_sync(loop_committing.set, token=token)
             release.wait()
