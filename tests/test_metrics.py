@@ -216,7 +216,7 @@ async def test_use_after_close_is_counted_by_route(backend: Backend) -> None:
 async def test_ten_thousand_requests_to_random_unknown_paths_add_no_series() -> None:
     import sqlalchemy as sa
 
-    engine = sa.create_engine("sqlite://")
+    engine = sa.create_engine("sqlite://", poolclass=sa.StaticPool)
     registry = CollectorRegistry()
     app = FastAPI()
     app.add_middleware(DBSessionMiddleware, engine=engine, registry=registry)

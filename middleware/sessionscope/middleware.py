@@ -26,7 +26,12 @@ from ._reporting import LEVELS, Reporter
 from ._request_state import RequestState
 from ._session_calls import SessionCalls
 from ._slots import SessionSlots
-from ._source import SessionSource, replica_source, resolve_source
+from ._source import (
+    SessionSource,
+    refuse_connection_per_thread,
+    replica_source,
+    resolve_source,
+)
 from ._statements import CURRENT
 from .catalogue import DEFAULT_NAMESPACE
 from .errors import ConfigurationError, MiddlewareOrderWarning, concurrent_use
@@ -105,6 +110,14 @@ class DBSessionMiddleware:
             async_sessionmaker_=async_sessionmaker,
             owner=_OWNER,
         )
+        given = (
+            "engine"
+            if engine is not None
+            else "sessionmaker"
+            if sessionmaker is not None
+            else "async_sessionmaker"
+        )
+        refuse_connection_per_thread(source, option=given, owner=_OWNER)
         if not callable(commit_on):
             raise ConfigurationError(
                 f"{_OWNER}: commit_on must be a function of the status code returning True to "
@@ -155,6 +168,8 @@ class DBSessionMiddleware:
         replica = (
             None if replica_engine is None else replica_source(source, replica_engine, owner=_OWNER)
         )
+        if replica is not None:
+            refuse_connection_per_thread(replica, option="replica_engine", owner=_OWNER)
         _refuse_duplicates(app, name=name, state_key=state_key)
         _warn_of_start_holders(app)
         self.app = app
