@@ -212,8 +212,8 @@ def test_an_app_that_configures_logging_gets_every_event_as_a_sessionscope_recor
         ("sessionscope", "ERROR", "db_session.commit_failed"),
         ("sessionscope", "DEBUG", "db_session.closed"),
         ("sessionscope", "ERROR", "db_pool.timeout"),
-        ("sessionscope", "DEBUG", "db_session.closed"),
         ("sessionscope", "WARNING", "db_session.pool_timeout"),
+        ("sessionscope", "DEBUG", "db_session.closed"),
     ]
     closed = records[0]
     assert closed["db"] == "default"
@@ -223,11 +223,15 @@ def test_an_app_that_configures_logging_gets_every_event_as_a_sessionscope_recor
     assert closed["outcome"] == "commit"
     assert closed["statements"] == 1
     assert len(closed["request_id"]) == 32
-    assert [r["outcome"] for r in records if r["message"] == "db_session.closed"] == [
-        "commit",
-        "rollback",
-        "rollback",
-        "rollback",
+    assert [
+        (r["status"], r["outcome"], r["reason"])
+        for r in records
+        if r["message"] == "db_session.closed"
+    ] == [
+        (201, "commit", None),
+        (409, "rollback", "status_4xx"),
+        (201, "rollback", "commit_error"),
+        (503, "rollback", "pool_timeout"),
     ]
     failed = records[2]
     assert failed["error_type"] == "IntegrityError"
@@ -291,8 +295,8 @@ def test_an_app_that_configures_structlog_gets_the_events_from_structlog_only(
         ("db_session.commit_failed", "error"),
         ("db_session.closed", "debug"),
         ("db_pool.timeout", "error"),
-        ("db_session.closed", "debug"),
         ("db_session.pool_timeout", "warning"),
+        ("db_session.closed", "debug"),
     ]
     assert events[0]["outcome"] == "commit"
     assert events[0]["route"] == "/parents/{id:int}"

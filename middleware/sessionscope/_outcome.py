@@ -14,6 +14,8 @@ EXCEPTION: Final = "exception"
 CANCELLED: Final = "cancelled"
 COMMIT_ERROR: Final = "commit_error"
 LATE_WRITE: Final = "late_write"
+POOL_TIMEOUT: Final = "pool_timeout"
+"""No pooled connection in time before the response started: the client got 503."""
 ROLLBACK_REASONS: Final = (
     "status_4xx",
     "status_5xx",
@@ -21,6 +23,7 @@ ROLLBACK_REASONS: Final = (
     CANCELLED,
     COMMIT_ERROR,
     LATE_WRITE,
+    POOL_TIMEOUT,
 )
 
 # Phases in which a session operation can fail.

@@ -109,7 +109,8 @@ SESSION_HELD: Final = _c(
 )
 SESSION_ROLLBACKS: Final = _c(
     "session_rollbacks_total",
-    "Rollbacks by reason (status_4xx, status_5xx, exception, cancelled, commit_error, late_write).",
+    "Rollbacks by reason (status_4xx, status_5xx, exception, cancelled, commit_error, late_write, "
+    "pool_timeout).",
     "reason",
 )
 SESSION_COMMIT_DURATION: Final = _h(

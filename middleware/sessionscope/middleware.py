@@ -237,8 +237,9 @@ class DBSessionMiddleware:
             if rs.started:
                 await rs.finish(exc)
                 raise
+            rs.unavailable(exc)
             await rs.finish(exc)
-            await rs.respond_unavailable(exc)
+            await rs.respond_unavailable()
         except BaseException as exc:
             await rs.finish(exc)
             clear = None if rs.session is None else concurrent_use(exc)
