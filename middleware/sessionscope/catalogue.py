@@ -320,7 +320,7 @@ EVENTS: Final = (
         "db_session.sweep_failed",
         "error",
         "The leak sweep raised; it keeps running.",
-        ("error_type", "exception"),
+        _ERROR_FIELDS,
     ),
     Event(
         "db_pool.timeout",
