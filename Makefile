@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo demo-workers test test-fast matrix lint format bench load dashboards docs clean
+.PHONY: install demo demo-workers test test-fast matrix lint format bench load dashboards docs docs-dot clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -60,7 +60,14 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 
 # The docs site (Sphinx, MyST, furo), warnings as errors; the reference pages are generated first.
-docs: $(DOCS_STAMP)
+# docs/lifecycle.md draws its diagram with Graphviz: without `dot` the build would fail late.
+docs-dot:
+	@command -v dot >/dev/null 2>&1 || { \
+		echo "make docs needs Graphviz's dot command (docs/lifecycle.md draws a diagram with it):" \
+			"install Graphviz (apt-get install graphviz, brew install graphviz) and run it again." >&2; \
+		exit 1; }
+
+docs: docs-dot $(DOCS_STAMP)
 	$(BIN)/python docs/_tools/reference.py
 	$(BIN)/sphinx-build -W --keep-going -q -b html docs build/docs
 

@@ -383,7 +383,8 @@ def dashboard_rows(ns: str = cat.DEFAULT_NAMESPACE) -> list[Row]:
                     [Target(f"sum by (reason) ({q.rate(cat.SESSION_ROLLBACKS)})", "{{reason}}")],
                     "ops",
                     "Rollbacks per second: status_4xx/status_5xx are the app's own answers; "
-                    "exception, commit_error and cancelled are failures; late_write is work done "
+                    "exception, commit_error and cancelled are failures; pool_timeout is a 503 for "
+                    "want of a connection; late_write is work done "
                     "after the response started that was never committed (lost data: commit it "
                     "in its own session_scope); disconnected: the client had left before the "
                     "response.",

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
+import httpx
 import pytest
 import sqlalchemy as sa
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 from sqlalchemy.orm import sessionmaker
+from sqlalchemy.pool import StaticPool
 
 from sessionscope import ConfigurationError, DBSessionMiddleware
+from sessionscope.fastapi import DBSession
 
 from .support import http_scope, request
 
@@ -21,9 +24,16 @@ async def app(scope: Any, receive: Any, send: Any) -> None:
     await send({"type": "http.response.body"})
 
 
+def in_memory_engine() -> sa.Engine:
+    """An in-memory SQLite engine set up as FastAPI's docs do: one connection, any thread."""
+    return sa.create_engine(
+        "sqlite://", poolclass=StaticPool, connect_args={"check_same_thread": False}
+    )
+
+
 @pytest.fixture
 def engine() -> Any:
-    engine = sa.create_engine("sqlite://")
+    engine = in_memory_engine()
     yield engine
     engine.dispose()
 
@@ -139,3 +149,49 @@ async def test_a_mounted_middleware_the_build_cannot_see_fails_its_first_request
     outer.add_middleware(DBSessionMiddleware, engine=engine, registry=CollectorRegistry())
     with pytest.raises(ConfigurationError, match=r"request.state.db is already taken.*mounted"):
         await request(outer, "/v2/x")
+
+
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///:memory:"])
+@pytest.mark.parametrize("given_as", ["engine", "sessionmaker", "replica_engine"])
+def test_an_in_memory_sqlite_engine_with_a_connection_per_thread_is_refused_with_the_fix(
+    url: str, given_as: str
+) -> None:
+    per_thread = sa.create_engine(url)  # SQLAlchemy's default for it: SingletonThreadPool
+    options: dict[str, Any] = {
+        "engine": {"engine": per_thread},
+        "sessionmaker": {"sessionmaker": sessionmaker(per_thread)},
+        "replica_engine": {"engine": in_memory_engine(), "replica_engine": per_thread},
+    }[given_as]
+    with pytest.raises(ConfigurationError) as refused:
+        make(**options)
+    message = str(refused.value)
+    assert "SingletonThreadPool" in message
+    assert 'create_engine("sqlite://", poolclass=StaticPool, ' in message
+    assert 'connect_args={"check_same_thread": False})' in message
+    per_thread.dispose()
+
+
+@pytest.mark.anyio
+async def test_the_in_memory_sqlite_setup_the_error_names_serves_def_routes() -> None:
+    engine = in_memory_engine()
+    with engine.begin() as connection:
+        connection.execute(sa.text("CREATE TABLE notes (text TEXT)"))
+    fastapi_app = FastAPI()
+    fastapi_app.add_middleware(DBSessionMiddleware, engine=engine, registry=CollectorRegistry())
+
+    @fastapi_app.post("/notes", status_code=201)
+    def add(text: str, db: DBSession) -> dict[str, int]:
+        db.execute(sa.text("INSERT INTO notes VALUES (:text)"), {"text": text})
+        return {"notes": db.scalar(sa.text("SELECT count(*) FROM notes")) or 0}
+
+    @fastapi_app.get("/notes")
+    def count(db: DBSession) -> dict[str, int]:
+        return {"notes": db.scalar(sa.text("SELECT count(*) FROM notes")) or 0}
+
+    transport = httpx.ASGITransport(app=fastapi_app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+        added = await client.post("/notes", params={"text": "hello"})
+        counted = await client.get("/notes")
+    assert (added.status_code, added.json()) == (201, {"notes": 1})
+    assert (counted.status_code, counted.json()) == (200, {"notes": 1})
+    engine.dispose()

@@ -52,3 +52,13 @@ def test_the_lifecycle_diagram_names_every_phase_of_a_request_session() -> None:
 
     page = (ROOT / "docs" / "lifecycle.md").read_text()
     assert [phase.name for phase in Phase if phase.name not in page] == []
+
+
+def test_every_optional_event_key_is_one_of_its_keys_and_says_when() -> None:
+    for event in EVENTS:
+        for key, when in event.optional:
+            assert key in event.fields, (event.name, key)
+            assert when, (event.name, key)
+    (commit_failed,) = [e for e in EVENTS if e.name == "db_session.commit_failed"]
+    assert commit_failed.when_present("error") is not None
+    assert commit_failed.when_present("traceback") is None

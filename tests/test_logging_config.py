@@ -7,7 +7,8 @@ a Starlette app on a SQLite file whose routes commit (201), roll back (409), fai
 * No logging configured: nothing on stdout or stderr for requests that go well; warnings and
   errors reach stderr through Python's last-resort handler, like any library's.
 * Standard ``logging`` configured: every event is a record of logger ``sessionscope`` whose
-  message is the event name and whose fields are attributes of the record (``extra``).
+  message is the event name and its fields as ``key=value``, the fields are attributes of the
+  record (``extra``) too, and an event about an exception carries it as ``exc_info``.
 * structlog configured: structlog gets the events, as it always did, and ``logging`` none.
 """
 
@@ -50,6 +51,8 @@ class PrintRecords(logging.Handler):
     def emit(self, record):
         extra = {k: v for k, v in vars(record).items() if k not in RECORD_ATTRIBUTES}
         line = {"logger": record.name, "level": record.levelname, "message": record.getMessage()}
+        if record.exc_info:
+            line["exc_info"] = logging.Formatter().formatException(record.exc_info)
         print(json.dumps({**line, **extra}, default=str), flush=True)
 
 
@@ -67,6 +70,8 @@ def configure_logging(kind):
 
 if mode in ("stdlib", "structlog"):
     configure_logging(mode)
+elif mode == "basic":
+    logging.basicConfig(level=logging.DEBUG)  # the default format, on stderr
 
 engine = sa.create_engine(
     f"sqlite:///{database}", pool_size=1, max_overflow=0, pool_timeout=0.1
@@ -206,14 +211,14 @@ def test_an_app_that_configures_logging_gets_every_event_as_a_sessionscope_recor
     stdout, _, statuses, _ = run_app(tmp_path, "stdlib", *REQUESTS)
     assert statuses == [201, 409, 500, 503]
     records = [r for r in json_lines(stdout) if r["logger"].startswith("sessionscope")]
-    assert [(r["logger"], r["level"], r["message"]) for r in records] == [
+    assert [(r["logger"], r["level"], r["message"].split(" ", 1)[0]) for r in records] == [
         ("sessionscope", "DEBUG", "db_session.closed"),
         ("sessionscope", "DEBUG", "db_session.closed"),
         ("sessionscope", "ERROR", "db_session.commit_failed"),
         ("sessionscope", "DEBUG", "db_session.closed"),
-        ("sessionscope", "DEBUG", "db_session.closed"),
         ("sessionscope", "ERROR", "db_pool.timeout"),
         ("sessionscope", "WARNING", "db_session.pool_timeout"),
+        ("sessionscope", "DEBUG", "db_session.closed"),
     ]
     closed = records[0]
     assert closed["db"] == "default"
@@ -223,17 +228,55 @@ def test_an_app_that_configures_logging_gets_every_event_as_a_sessionscope_recor
     assert closed["outcome"] == "commit"
     assert closed["statements"] == 1
     assert len(closed["request_id"]) == 32
-    assert [r["outcome"] for r in records if r["message"] == "db_session.closed"] == [
-        "commit",
-        "rollback",
-        "rollback",
-        "rollback",
+    assert [
+        (r["status"], r["outcome"], r["reason"])
+        for r in records
+        if r["message"].startswith("db_session.closed ")
+    ] == [
+        (201, "commit", None),
+        (409, "rollback", "status_4xx"),
+        (201, "rollback", "commit_error"),
+        (503, "rollback", "pool_timeout"),
     ]
+    assert closed["message"].startswith(
+        "db_session.closed status=201 outcome=commit reason=None duration_s="
+    )
+    assert "route=/parents/{id:int} method=POST request_id=" in closed["message"]
     failed = records[2]
     assert failed["error_type"] == "IntegrityError"
     assert failed["driver_error"] == "IntegrityError"
-    assert "Traceback" not in failed["message"]
-    assert records[5]["pool_size"] == 1
+    assert failed["traceback"]  # the frames, as an attribute for JSON formatters
+    assert failed["message"].startswith(
+        "db_session.commit_failed phase=commit status=201 error_type=IntegrityError "
+    )
+    assert "\n" not in failed["message"]  # the traceback is the record's exc_info, once
+    assert failed["exc_info"].startswith("Traceback (most recent call last):")
+    assert "IntegrityError" in failed["exc_info"].splitlines()[-1]
+    assert "INSERT INTO" not in failed["exc_info"]  # a database error's message is withheld
+    assert records[4]["pool_size"] == 1
+    assert records[4]["message"].startswith("db_pool.timeout db=default pool_size=1 ")
+
+
+def test_an_app_with_logging_basic_config_shows_the_fields_and_the_traceback(
+    tmp_path: Path,
+) -> None:
+    stdout, stderr, statuses, _ = run_app(tmp_path, "basic", "/parents/1", "/orphans")
+    assert statuses == [201, 500]
+    assert stdout == ""
+    lines = stderr.splitlines()
+    closed = [line for line in lines if line.startswith("DEBUG:sessionscope:db_session.closed")]
+    assert closed[0].startswith(
+        "DEBUG:sessionscope:db_session.closed status=201 outcome=commit reason=None "
+    )
+    assert "route=/parents/{id:int}" in closed[0]
+    (failed,) = [n for n, line in enumerate(lines) if "db_session.commit_failed" in line]
+    assert lines[failed].startswith(
+        "ERROR:sessionscope:db_session.commit_failed phase=commit status=201 "
+        "error_type=IntegrityError driver_error=IntegrityError "
+    )
+    assert lines[failed + 1] == "Traceback (most recent call last):"
+    assert "[SQL:" not in stderr
+    assert "[parameters:" not in stderr
 
 
 @pytest.mark.parametrize("kind", ["stdlib", "structlog"])
@@ -245,7 +288,7 @@ def test_logging_configured_after_the_app_served_requests_gets_the_next_events(
     lines = json_lines(stdout)
     if kind == "stdlib":
         events = [line for line in lines if line["logger"] == "sessionscope"]
-        assert [(e["message"], e["route"]) for e in events] == [
+        assert [(e["message"].split(" ", 1)[0], e["route"]) for e in events] == [
             ("db_session.closed", "/parents/{id:int}")
         ]
     else:
@@ -290,9 +333,9 @@ def test_an_app_that_configures_structlog_gets_the_events_from_structlog_only(
         ("db_session.closed", "debug"),
         ("db_session.commit_failed", "error"),
         ("db_session.closed", "debug"),
-        ("db_session.closed", "debug"),
         ("db_pool.timeout", "error"),
         ("db_session.pool_timeout", "warning"),
+        ("db_session.closed", "debug"),
     ]
     assert events[0]["outcome"] == "commit"
     assert events[0]["route"] == "/parents/{id:int}"
@@ -310,3 +353,57 @@ def test_the_logging_page_has_a_runnable_example_of_each_setup() -> None:
     assert "logging.basicConfig(" in stdlib
     assert "structlog" not in stdlib
     assert "structlog.configure(" in with_structlog
+
+
+def test_a_failing_hook_reaches_logging_handlers_with_its_exception(tmp_path: Path) -> None:
+    script = textwrap.dedent(
+        f"""
+        import logging
+
+        import sqlalchemy as sa
+        from starlette.applications import Starlette
+        from starlette.responses import Response
+        from starlette.routing import Route
+        from starlette.testclient import TestClient
+
+        from sessionscope import DBSessionMiddleware, on_commit
+
+        records = []
+
+
+        class Keep(logging.Handler):  # what Sentry's or OpenTelemetry's handler is given
+            def emit(self, record):
+                records.append(record)
+
+
+        logging.basicConfig(level=logging.INFO, handlers=[Keep()])
+
+
+        def send_receipt():
+            raise ValueError("mail server down")
+
+
+        def order(request):
+            request.state.db.execute(sa.text("SELECT 1"))
+            on_commit(request.state.db, send_receipt)
+            return Response(status_code=201)
+
+
+        engine = sa.create_engine("sqlite:///{tmp_path / "hook.db"}")
+        app = Starlette(routes=[Route("/orders", order, methods=["POST"])])
+        app.add_middleware(DBSessionMiddleware, engine=engine)
+        with TestClient(app) as client:
+            assert client.post("/orders").status_code == 201
+        (failed,) = [r for r in records if r.name == "sessionscope"]
+        kind, exc, tb = failed.exc_info
+        print(failed.getMessage().split(" hook=")[0], kind.__name__, exc, sep="|")
+        print(tb is exc.__traceback__)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    first, second = done.stdout.splitlines()
+    assert first == "db_session.hook_failed|ValueError|mail server down"
+    assert second == "True"

@@ -66,6 +66,7 @@ async def test_rollbacks_are_counted_by_reason(
     route = path.rsplit("/", 1)[0] + "/{name}"
     assert value(registry, "db_sessions_closed_total", route=route, outcome="rollback") == 1
     others = {"status_4xx", "status_5xx", "exception", "cancelled", "commit_error", "late_write"}
+    others |= {"pool_timeout"}
     for other in others - {reason}:
         assert value(registry, "db_session_rollbacks_total", reason=other) == 0
 
@@ -105,7 +106,7 @@ async def test_a_returned_5xx_response_after_a_write_is_counted_as_a_status_5xx_
     assert value(registry, "db_sessions_closed_total", route=route, outcome="rollback") == 1
     assert value(registry, "db_sessions_closed_total", route=route, outcome="commit") == 0
     assert value(registry, "db_session_duration_seconds_count", outcome="rollback") == 1
-    others = {"status_4xx", "exception", "cancelled", "commit_error", "late_write"}
+    others = {"status_4xx", "exception", "cancelled", "commit_error", "late_write", "pool_timeout"}
     for other in others:
         assert value(registry, "db_session_rollbacks_total", reason=other) == 0
 
@@ -242,7 +243,7 @@ async def test_use_after_close_is_counted_by_route(backend: Backend) -> None:
 async def test_ten_thousand_requests_to_random_unknown_paths_add_no_series() -> None:
     import sqlalchemy as sa
 
-    engine = sa.create_engine("sqlite://")
+    engine = sa.create_engine("sqlite://", poolclass=sa.StaticPool)
     registry = CollectorRegistry()
     app = FastAPI()
     app.add_middleware(DBSessionMiddleware, engine=engine, registry=registry)

@@ -15,6 +15,7 @@ from starlette.requests import Request
 from sessionscope import DBSessionMiddleware
 from sessionscope.fastapi import AsyncDBSession, DBSession
 from sessionscope.tasks import gather_with_sessions
+from sessionscope.testing import capture_session_events
 
 from .metric_support import value
 from .support import BACKENDS, Backend, backend_for, items
@@ -132,3 +133,32 @@ async def test_a_pool_timeout_in_gather_with_sessions_gets_503_with_retry_after(
         assert answer.headers["retry-after"] == "1"
         assert "pool" in answer.json()["detail"]
         assert (await c.get("/fanout")).json() == [1, 1]  # serves normally afterwards
+
+
+async def test_a_pool_timeout_closes_its_session_with_status_503_and_reason_pool_timeout(
+    one_connection: Backend,
+) -> None:
+    backend = one_connection
+    registry = CollectorRegistry()
+    app = holding_app(backend, registry, anyio.Event(), anyio.Event())
+    transport = httpx.ASGITransport(app=app)
+    with capture_session_events() as events:
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            # the pool's one connection taken outside any request: the session opens, its
+            # first statement waits for the pool and times out
+            if backend.is_async:
+                async with backend.engine.connect():
+                    assert (await c.post("/write")).status_code == 503
+            else:
+                with backend.engine.connect():
+                    assert (await c.post("/write")).status_code == 503
+    assert [e["event"] for e in events] == ["db_session.pool_timeout", "db_session.closed"]
+    closed = events[-1]
+    assert (closed["status"], closed["outcome"], closed["reason"]) == (
+        503,
+        "rollback",
+        "pool_timeout",
+    )
+    assert value(registry, "db_session_rollbacks_total", reason="pool_timeout") == 1
+    assert value(registry, "db_session_rollbacks_total", reason="exception") == 0
+    assert backend.names() == []

@@ -146,7 +146,7 @@ async def test_the_replica_pool_has_its_own_metrics(replicated: Replicated) -> N
 
 
 def test_a_replica_of_another_kind_is_refused() -> None:
-    primary = sa.create_engine("sqlite://")
+    primary = sa.create_engine("sqlite://", poolclass=sa.StaticPool)
     replica = create_async_engine("sqlite+aiosqlite://")
     with pytest.raises(ConfigurationError, match="must be a sync Engine like the primary"):
         DBSessionMiddleware(

@@ -18,6 +18,7 @@ from typing import Any
 from fastapi import FastAPI
 from sqlalchemy import create_engine
 from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.pool import StaticPool
 
 from .. import endpoints
 from .base import Built, Contender, Target, built
@@ -41,7 +42,7 @@ def off_supported() -> bool:
     """Whether ``DBSessionMiddleware`` accepts ``metrics=False, closed_log_level=None``."""
     if not _OFF.keys() <= _parameters():
         return False
-    engine = create_engine("sqlite://")
+    engine = create_engine("sqlite://", poolclass=StaticPool)
     try:
         _middleware()(FastAPI(), engine=engine, **_OFF)
     except Exception:  # an older signature that refuses None

@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from sessionscope.catalogue import CATALOGUE, DEFAULT_NAMESPACE, EVENTS, Metric
+from sessionscope.catalogue import CATALOGUE, DEFAULT_NAMESPACE, EVENTS, Event, Metric
 
 DOCS = Path(__file__).resolve().parent.parent
 HEADER = "<!-- Generated from sessionscope.catalogue by docs/_tools/reference.py -->\n"
@@ -55,15 +55,21 @@ def logs_page() -> str:
         "# Logs reference",
         "",
         "Every event sessionscope emits, its level and its keys. How the events reach your "
-        "logs (standard `logging` or structlog) is in [Logging](logging.md).",
+        "logs (standard `logging` or structlog) is in [Logging](logging.md). A key followed by "
+        "a condition in parentheses is there only then.",
         "",
         "| Event | Level | Keys | When |",
         "|---|---|---|---|",
     ]
     for event in EVENTS:
-        keys = ", ".join(f"`{field}`" for field in event.fields)
+        keys = ", ".join(_key(event, field) for field in event.fields)
         lines.append(f"| `{event.name}` | {event.level} | {keys} | {_cell(event.help)} |")
     return "\n".join(lines) + "\n"
+
+
+def _key(event: Event, field: str) -> str:
+    when = event.when_present(field)
+    return f"`{field}`" if when is None else f"`{field}` ({when})"
 
 
 PAGES = {"metrics.md": metrics_page, "logs.md": logs_page}

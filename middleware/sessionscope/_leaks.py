@@ -21,7 +21,7 @@ from time import perf_counter
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from ._reporting import event_log
+from ._reporting import error_fields, event_log
 from ._request_context import route_template
 
 if TYPE_CHECKING:
@@ -132,9 +132,7 @@ def _sweep_forever(ref: weakref.ref[LeakRegistry], stop: threading.Event, interv
         try:
             registry.sweep()
         except Exception as exc:  # never let the sweep thread die; the next sweep tries again
-            event_log().error(
-                "db_session.sweep_failed", error_type=type(exc).__name__, exc_info=exc
-            )
+            event_log().error("db_session.sweep_failed", exc=exc, **error_fields(exc))
         del registry
 
 

@@ -464,11 +464,15 @@ class RequestSession(StatementTally):
         self.outcome, self.reason = oc.ROLLBACK, rollback_reason(status)
         return self.reason
 
-    async def respond_unavailable(self, exc: PoolTimeoutError) -> None:
-        """Answer ``503`` with ``Retry-After`` for a pool timeout before the response started."""
+    def unavailable(self, exc: PoolTimeoutError) -> None:
+        """A pool timeout before the response started: reported, and the status is ``503``
+        (the session, closed next, is rolled back for ``pool_timeout``)."""
         self.settings.reporter.pool_timeout(self, exc)
-        self.phase = _DECIDED
         self.status = 503
+
+    async def respond_unavailable(self) -> None:
+        """Answer ``503`` with ``Retry-After`` (after :meth:`unavailable` and the close)."""
+        self.phase = _DECIDED
         await self._send_all(error_response(503))
 
     # -- helpers ---------------------------------------------------------------------------
@@ -563,6 +567,8 @@ def _on_event_loop() -> bool:
 def _undecided_reason(exc: BaseException | None) -> str:
     if exc is not None and isinstance(exc, anyio.get_cancelled_exc_class()):
         return oc.CANCELLED
+    if isinstance(exc, PoolTimeoutError):
+        return oc.POOL_TIMEOUT
     return oc.EXCEPTION
 
 

@@ -16,6 +16,8 @@ COMMIT_ERROR: Final = "commit_error"
 LATE_WRITE: Final = "late_write"
 DISCONNECTED: Final = "disconnected"
 """The application was told by ``receive()`` that the client left, before its response."""
+POOL_TIMEOUT: Final = "pool_timeout"
+"""No pooled connection in time before the response started: the client got 503."""
 ROLLBACK_REASONS: Final = (
     "status_4xx",
     "status_5xx",
@@ -24,6 +26,7 @@ ROLLBACK_REASONS: Final = (
     COMMIT_ERROR,
     LATE_WRITE,
     DISCONNECTED,
+    POOL_TIMEOUT,
 )
 
 # Phases in which a session operation can fail.

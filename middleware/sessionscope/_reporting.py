@@ -3,8 +3,9 @@
 The library never configures logging. Its events go where the application's own configuration
 sends them (asked at each event, so configuring logging after building the app works): to
 ``structlog.get_logger("sessionscope")`` when the application configured structlog, else to
-the standard ``logging`` logger ``sessionscope`` (the event name as the message, its keys as
-``extra`` fields), which prints nothing below WARNING unless the application turns it on.
+the standard ``logging`` logger ``sessionscope`` (the message is the event name followed by its
+keys as ``key=value``; the keys are ``extra`` fields too; an event about an exception carries it
+as ``exc_info``), which prints nothing below WARNING unless the application turns it on.
 One canonical ``db_session.closed`` event per session (its level is the middleware's
 ``closed_log_level``, debug by default, or none), warnings for late writes, use after close
 and suspected leaks, errors for failed commits and cleanups. SQL parameters and connection
@@ -16,12 +17,14 @@ from __future__ import annotations
 import logging
 import math
 import traceback
+from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
 
 import structlog
 from sqlalchemy.exc import StatementError
 
 from ._request_context import RouteLabels, correlation_id_source, request_id
+from .errors import WithheldDatabaseError
 
 if TYPE_CHECKING:
     from sqlalchemy.exc import TimeoutError as PoolTimeoutError
@@ -74,47 +77,77 @@ class EventLog:
             self._answered_until = now + LEVEL_RECHECK
         return self._answer[1]
 
-    def log(self, level: int, event: str, **fields: Any) -> None:
-        """The event at a numeric ``level``."""
+    def log(
+        self, level: int, event: str, *, exc: BaseException | None = None, **fields: Any
+    ) -> None:
+        """The event at a numeric ``level``; ``exc``: the exception it is about, if any
+        (``exc_info`` of the ``logging`` record; structlog gets the fields only)."""
         if structlog.is_configured():
             self._structlog.log(level, event, **fields)
         elif self._stdlib.isEnabledFor(level):
-            self._emit(level, event, fields)
+            self._emit(level, event, fields, exc)
 
     def info(self, event: str, **fields: Any) -> None:
         """The event at INFO."""
         if structlog.is_configured():
             self._structlog.info(event, **fields)
         elif self._stdlib.isEnabledFor(logging.INFO):
-            self._emit(logging.INFO, event, fields)
+            self._emit(logging.INFO, event, fields, None)
 
     def warning(self, event: str, **fields: Any) -> None:
         """The event at WARNING."""
         if structlog.is_configured():
             self._structlog.warning(event, **fields)
         elif self._stdlib.isEnabledFor(logging.WARNING):
-            self._emit(logging.WARNING, event, fields)
+            self._emit(logging.WARNING, event, fields, None)
 
-    def error(self, event: str, **fields: Any) -> None:
-        """The event at ERROR."""
+    def error(self, event: str, *, exc: BaseException | None = None, **fields: Any) -> None:
+        """The event at ERROR; ``exc`` as for :meth:`log`."""
         if structlog.is_configured():
             self._structlog.error(event, **fields)
         elif self._stdlib.isEnabledFor(logging.ERROR):
-            self._emit(logging.ERROR, event, fields)
+            self._emit(logging.ERROR, event, fields, exc)
 
-    def _emit(self, level: int, event: str, fields: dict[str, Any]) -> None:
-        exc_info = fields.pop("exc_info", None)
+    def _emit(
+        self, level: int, event: str, fields: dict[str, Any], exc: BaseException | None
+    ) -> None:
+        # The message reads on its own (a plain format such as basicConfig's shows only it):
+        # the event and its keys. The traceback, when there is an exception, is the record's
+        # exc_info, which handlers format below the message (and Sentry or OpenTelemetry
+        # handlers take as the exception), so it is not repeated in the message.
+        shown = fields if exc is None else {k: v for k, v in fields.items() if k != "traceback"}
+        message = _render(event, shown)
         if not _RECORD_ATTRIBUTES.isdisjoint(fields):
             fields = {f"{k}_" if k in _RECORD_ATTRIBUTES else k: v for k, v in fields.items()}
-        logger = self._stdlib
         # stacklevel: the record names the sessionscope code that logged, not this class.
-        if logger.hasHandlers():
-            logger.log(level, event, exc_info=exc_info, extra=fields, stacklevel=3)
-        else:
-            # No handler anywhere: Python's last-resort handler writes the bare message to
-            # stderr (WARNING and above), so the message carries the fields.
-            rendered = _render(event, fields)
-            logger.log(level, rendered, exc_info=exc_info, extra=fields, stacklevel=3)
+        self._stdlib.log(level, message, exc_info=_exc_info(exc), extra=fields, stacklevel=3)
+
+
+def _exc_info(
+    exc: BaseException | None,
+) -> tuple[type[BaseException], BaseException, TracebackType | None] | None:
+    if exc is None:
+        return None
+    if not _involves_database_error(exc):
+        return (type(exc), exc, exc.__traceback__)
+    safe = {k: v for k, v in error_fields(exc).items() if k not in ("traceback", "error")}
+    summary = ", ".join(f"{k}={v}" for k, v in safe.items())
+    withheld = WithheldDatabaseError(
+        f"{summary} (the message is withheld: it can contain SQL parameters)"
+    )
+    return (type(exc), withheld, exc.__traceback__)
+
+
+def _involves_database_error(exc: BaseException) -> bool:
+    """Whether ``exc`` or an exception it was raised from or during is a database error."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, StatementError):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def _render(event: str, fields: dict[str, Any]) -> str:
@@ -201,7 +234,7 @@ class Reporter:
             self.metrics.error(phase, exc)
         event = "db_session.commit_failed" if phase == "commit" else "db_session.cleanup_failed"
         self._log.error(
-            event, phase=phase, status=rs.status, **error_fields(exc), **self.fields(rs)
+            event, exc=exc, phase=phase, status=rs.status, **error_fields(exc), **self.fields(rs)
         )
 
     def hook_failed(self, rs: RequestSession, hook: object, exc: BaseException) -> None:
@@ -211,6 +244,7 @@ class Reporter:
         fields = self.fields(rs)
         self._log.error(
             "db_session.hook_failed",
+            exc=exc,
             hook=getattr(hook, "__qualname__", type(hook).__name__),
             **error_fields(exc),
             **fields,

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import sessionmaker
+from sqlalchemy.pool import SingletonThreadPool
 
 from ._read_only import read_only_engine
 from .errors import ConfigurationError
@@ -177,6 +178,31 @@ def resolve_source(
     require_asyncio(owner, async_sessionmaker_)
     return SessionSource(
         async_sessionmaker_, True, _sync_engine(async_sessionmaker_.kw.get("bind"))
+    )
+
+
+def refuse_connection_per_thread(source: SessionSource, *, option: str, owner: str) -> None:
+    """Raise ``ConfigurationError`` if ``source``'s engine keeps one connection per thread.
+
+    ``create_engine("sqlite://")`` (or ``":memory:"``) gets SQLAlchemy's
+    ``SingletonThreadPool``: each thread its own connection (and so its own empty in-memory
+    database), and SQLite's same-thread check on. A request session is used in more than one
+    thread (a ``def`` route runs in the threadpool, the commit and close in a worker thread),
+    so every such request fails at commit, and a thread that serves the next request while
+    the first one's session is still open would be handed the same connection.
+    """
+    if source.engine is None or not isinstance(source.engine.pool, SingletonThreadPool):
+        return
+    raise ConfigurationError(
+        f"{owner}: {option}= uses SQLAlchemy's SingletonThreadPool (create_engine()'s default "
+        'for an in-memory SQLite database, "sqlite://" or ":memory:"): one connection per '
+        "thread, each with its own in-memory database, usable only in its thread. A request "
+        "session is used in more than one thread (a `def` route runs in the threadpool, the "
+        "commit and close in a worker thread), so every such request would fail. Create the "
+        "engine with one connection that any thread may use: "
+        'create_engine("sqlite://", poolclass=StaticPool, '
+        'connect_args={"check_same_thread": False}) (from sqlalchemy.pool import StaticPool), '
+        'or use a database file: create_engine("sqlite:///app.db").'
     )
 
 

@@ -110,7 +110,7 @@ SESSION_HELD: Final = _c(
 SESSION_ROLLBACKS: Final = _c(
     "session_rollbacks_total",
     "Rollbacks by reason (status_4xx, status_5xx, exception, cancelled, commit_error, "
-    "late_write, disconnected).",
+    "late_write, disconnected, pool_timeout).",
     "reason",
 )
 SESSION_COMMIT_DURATION: Final = _h(
@@ -248,10 +248,21 @@ class Event:
     help: str
     fields: tuple[str, ...]
     """Its keys besides ``event`` and ``level``."""
+    optional: tuple[tuple[str, str], ...] = ()
+    """Keys of ``fields`` that only some of its events carry, each with when it does."""
+
+    def when_present(self, key: str) -> str | None:
+        """When ``key`` is there, if only sometimes; ``None`` for a key every event carries."""
+        return dict(self.optional).get(key)
 
 
 _REQUEST_FIELDS: Final = ("db", "route", "method", "request_id")
 _ERROR_FIELDS: Final = ("error_type", "driver_error", "sqlstate", "error", "traceback")
+_ERROR_OPTIONAL: Final = (
+    ("driver_error", "database errors only"),
+    ("sqlstate", "database errors whose driver gives one"),
+    ("error", "other errors only: a database error's message is never logged"),
+)
 
 EVENTS: Final = (
     Event(
@@ -265,6 +276,7 @@ EVENTS: Final = (
         "error",
         "The commit at response start failed: rolled back, the client gets a complete 500.",
         (*_REQUEST_FIELDS, "phase", "status", *_ERROR_FIELDS),
+        _ERROR_OPTIONAL,
     ),
     Event(
         "db_session.cleanup_failed",
@@ -272,12 +284,14 @@ EVENTS: Final = (
         "A rollback or close failed; the connection is invalidated so it cannot go back to the "
         "pool in a transaction.",
         (*_REQUEST_FIELDS, "phase", "status", *_ERROR_FIELDS),
+        _ERROR_OPTIONAL,
     ),
     Event(
         "db_session.hook_failed",
         "error",
         "An after-commit hook raised; the request stays committed.",
         (*_REQUEST_FIELDS, "hook", *_ERROR_FIELDS),
+        _ERROR_OPTIONAL,
     ),
     Event(
         "db_session.late_write",
@@ -321,7 +335,8 @@ EVENTS: Final = (
         "db_session.sweep_failed",
         "error",
         "The leak sweep raised; it keeps running.",
-        ("error_type", "exception"),
+        _ERROR_FIELDS,
+        _ERROR_OPTIONAL,
     ),
     Event(
         "db_pool.timeout",

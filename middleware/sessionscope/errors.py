@@ -41,6 +41,15 @@ class ReadOnlyRequestError(RuntimeError):
     """A request routed to the read replica tried to write."""
 
 
+class WithheldDatabaseError(Exception):
+    """Stands in for a database error in the ``exc_info`` of sessionscope's ``logging`` records.
+
+    A database error's message repeats the SQL and its parameters, and drivers quote offending
+    values in theirs: the record keeps the original exception's type and traceback, with this
+    exception, which says only the error's type, the driver's class and the SQLSTATE.
+    """
+
+
 class ConcurrentSessionUseError(InvalidRequestError):
     """The request session was used by two tasks or threads at once.
 

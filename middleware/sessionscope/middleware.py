@@ -27,7 +27,12 @@ from ._request_context import RouteLabels
 from ._request_state import RequestState
 from ._session_calls import SessionCalls
 from ._slots import SessionSlots
-from ._source import SessionSource, replica_source, resolve_source
+from ._source import (
+    SessionSource,
+    refuse_connection_per_thread,
+    replica_source,
+    resolve_source,
+)
 from ._statements import CURRENT
 from .catalogue import DEFAULT_NAMESPACE
 from .errors import ConfigurationError, MiddlewareOrderWarning, concurrent_use
@@ -106,6 +111,14 @@ class DBSessionMiddleware:
             async_sessionmaker_=async_sessionmaker,
             owner=_OWNER,
         )
+        given = (
+            "engine"
+            if engine is not None
+            else "sessionmaker"
+            if sessionmaker is not None
+            else "async_sessionmaker"
+        )
+        refuse_connection_per_thread(source, option=given, owner=_OWNER)
         if not callable(commit_on):
             raise ConfigurationError(
                 f"{_OWNER}: commit_on must be a function of the status code returning True to "
@@ -156,6 +169,8 @@ class DBSessionMiddleware:
         replica = (
             None if replica_engine is None else replica_source(source, replica_engine, owner=_OWNER)
         )
+        if replica is not None:
+            refuse_connection_per_thread(replica, option="replica_engine", owner=_OWNER)
         _refuse_duplicates(app, name=name, state_key=state_key)
         _warn_of_start_holders(app)
         self.app = app
@@ -226,14 +241,17 @@ class DBSessionMiddleware:
             if rs.started:
                 await rs.finish(exc)
                 raise
+            rs.unavailable(exc)
             await rs.finish(exc)
-            await rs.respond_unavailable(exc)
+            await rs.respond_unavailable()
         except BaseException as exc:
             timeout = None if rs.started else _only_pool_timeouts(exc)
-            await rs.finish(exc)
             if timeout is not None:  # e.g. from gather_with_sessions' task group
-                await rs.respond_unavailable(timeout)
+                rs.unavailable(timeout)
+                await rs.finish(timeout)
+                await rs.respond_unavailable()
                 return
+            await rs.finish(exc)
             clear = None if rs.session is None else concurrent_use(exc)
             if clear is not None:
                 raise clear from exc
