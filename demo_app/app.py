@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -172,7 +173,14 @@ def make_engine(settings: Settings) -> Engine | AsyncEngine:
 def _sqlite_pragmas(dbapi_connection: Any, connection_record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA foreign_keys=ON")  # needed for the deferred foreign key
-    cursor.execute("PRAGMA journal_mode=WAL")  # readers do not block the writers
+    try:
+        cursor.execute("PRAGMA journal_mode=WAL")  # readers do not block the writers
+    except sqlite3.OperationalError as exc:
+        # Switching to WAL needs the database to itself and does not wait for it: a worker
+        # starting while another creates the schema is refused. WAL is a setting of the file,
+        # kept once made, so the worker holding the lock (or the next connection) makes it.
+        if "locked" not in str(exc):
+            raise
     cursor.close()
 
 

@@ -325,7 +325,7 @@ async def test_the_exposition_passes_promtool_check_metrics(backend: Backend) ->
 async def test_route_labels_keep_router_prefixes_and_mount_paths() -> None:
     """One route included with and without a prefix, and mounted twice: four series, each
     labelled with the full template (never the raw path)."""
-    engine = sa.create_engine("sqlite://")
+    engine = sa.create_engine("sqlite://", poolclass=sa.StaticPool)
     registry = CollectorRegistry()
     router = APIRouter()
 
