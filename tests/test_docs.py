@@ -52,3 +52,12 @@ def test_the_lifecycle_diagram_names_every_phase_of_a_request_session() -> None:
 
     page = (ROOT / "docs" / "lifecycle.md").read_text()
     assert [phase.name for phase in Phase if phase.name not in page] == []
+
+
+def test_the_architecture_page_names_every_module_of_the_package_and_no_other() -> None:
+    page = (ROOT / "docs" / "architecture.md").read_text()
+    listed = set(re.findall(r"^- `(\w+)\.py`: \S", page, flags=re.MULTILINE))
+    named = set(re.findall(r"`(\w+)\.py`", page))
+    modules = {path.stem for path in PACKAGE.glob("*.py")}
+    assert modules - listed == set(), "modules without their line on docs/architecture.md"
+    assert named - modules == set(), "docs/architecture.md names modules that do not exist"
