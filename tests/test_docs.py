@@ -62,3 +62,12 @@ def test_every_optional_event_key_is_one_of_its_keys_and_says_when() -> None:
     (commit_failed,) = [e for e in EVENTS if e.name == "db_session.commit_failed"]
     assert commit_failed.when_present("error") is not None
     assert commit_failed.when_present("traceback") is None
+
+
+def test_the_architecture_page_names_every_module_of_the_package_and_no_other() -> None:
+    page = (ROOT / "docs" / "architecture.md").read_text()
+    listed = set(re.findall(r"^- `(\w+)\.py`: \S", page, flags=re.MULTILINE))
+    named = set(re.findall(r"`(\w+)\.py`", page))
+    modules = {path.stem for path in PACKAGE.glob("*.py")}
+    assert modules - listed == set(), "modules without their line on docs/architecture.md"
+    assert named - modules == set(), "docs/architecture.md names modules that do not exist"

@@ -25,14 +25,14 @@ from ._reporting import error_fields, event_log
 from ._request_context import route_template
 
 if TYPE_CHECKING:
-    from ._lifecycle import RequestSession
+    from ._record import SessionRecord
 
 
 @dataclass(slots=True)
 class OpenSession:
     """What the sweep knows about one open session."""
 
-    rs: RequestSession
+    rs: SessionRecord
     opened_at: float
     thread_id: int
     task: asyncio.Task[Any] | None
@@ -70,7 +70,7 @@ class LeakRegistry:
         """Seconds between sweeps: a quarter of the threshold, between 10 ms and 1 s."""
         return max(0.01, min(1.0, self.threshold / 4))
 
-    def add(self, rs: RequestSession) -> None:
+    def add(self, rs: SessionRecord) -> None:
         """Register a newly opened session (from the loop or a worker thread)."""
         # Single dict operations are atomic: no lock on the request path.
         self._open[id(rs)] = OpenSession(
@@ -79,7 +79,7 @@ class LeakRegistry:
         if self._thread is None:
             self._start()
 
-    def remove(self, rs: RequestSession) -> OpenSession | None:
+    def remove(self, rs: SessionRecord) -> OpenSession | None:
         """Unregister a closed session; the entry tells whether it had been reported."""
         return self._open.pop(id(rs), None)
 

@@ -1,4 +1,4 @@
-"""The life of one request's session: created, decided, closed.
+"""The request session's state machine: created, decided, closed; it emits the record.
 
 Every state a request session goes through, and every commit or rollback, is in this module:
 
@@ -40,6 +40,7 @@ from sqlalchemy.orm import Session
 from . import _outcome as oc
 from ._decision_gate import DecisionGate
 from ._policy import CommitPolicy, rollback_reason
+from ._record import REQUEST_KEY
 from ._request_context import route_template
 from ._request_state import RequestState
 from ._responses import error_response
@@ -55,8 +56,6 @@ if TYPE_CHECKING:
 
     from ._reporting import Reporter
 
-REQUEST_KEY: Final = "sessionscope.request"
-"""``Session.info`` key of the open request session's :class:`RequestSession`."""
 IDLE_WAIT_SECONDS: Final = 30.0
 """How long closing a request session waits for another task or thread to stop using it."""
 _CLOSED_BY: Final = "sessionscope.closed_by"
@@ -341,7 +340,7 @@ class RequestSession(StatementTally):
             await self._send_all(error_response(500))
             return
         if self.hooks is not None and self.outcome == oc.COMMIT:
-            await self.hooks.run(self, self.hooks.before)
+            await self.hooks.run(self.hooks.before, self._hook_failed)
         await self._send(message)
 
     def _decided(self) -> None:
@@ -428,7 +427,7 @@ class RequestSession(StatementTally):
         self.settings.reporter.closed(self)
         if self.hooks is not None and self.outcome == oc.COMMIT and self.hooks.after:
             with anyio.CancelScope(shield=True):  # the data is committed: its hooks must run
-                await self.hooks.run(self, self.hooks.after)
+                await self.hooks.run(self.hooks.after, self._hook_failed)
 
     async def _close_transaction(self, sync: Session, exc: BaseException | None) -> None:
         """Roll back the undecided or late transaction and return its connection."""
@@ -476,6 +475,9 @@ class RequestSession(StatementTally):
         await self._send_all(error_response(503))
 
     # -- helpers ---------------------------------------------------------------------------
+
+    def _hook_failed(self, hook: object, exc: BaseException) -> None:
+        self.settings.reporter.hook_failed(self, hook, exc)
 
     @property
     def started(self) -> bool:

@@ -87,12 +87,7 @@ class RouteMetrics:
     __slots__ = ("leaks_detected", "leaks_resolved", "sessions", "use_after_close")
 
     def __init__(self, metrics: Metrics, db: str, route: str) -> None:
-        closed = metrics[cat.SESSIONS_CLOSED]
-        self.sessions = RouteTotals(
-            {o: closed.labels(db, route, o) for o in oc.OUTCOMES},
-            metrics[cat.SESSION_HELD].labels(db, route),
-            metrics[cat.STATEMENTS].labels(db, route),
-        )
+        self.sessions = RouteTotals(metrics, db, route)
         """Closed sessions, seconds held and statements, updated by :class:`SessionTotals`."""
         self.leaks_detected = metrics[cat.SESSION_LEAKS_DETECTED].labels(db, route)
         self.leaks_resolved = metrics[cat.SESSION_LEAKS_RESOLVED].labels(db, route)
@@ -106,13 +101,7 @@ class DbMetrics:
         self.metrics = metrics
         self.db = db
         self.max_routes = max_routes
-        duration = metrics[cat.SESSION_DURATION]
-        self.sessions = SessionTotals(
-            open_gauge=metrics[cat.SESSIONS_OPEN].labels(db),
-            duration={o: duration.labels(db, o) for o in oc.OUTCOMES},
-            statements=metrics[cat.SESSION_STATEMENTS].labels(db),
-            commit=metrics[cat.SESSION_COMMIT_DURATION].labels(db),
-        )
+        self.sessions = SessionTotals(metrics, db)
         """Sessions open, and the duration, statement and commit histograms."""
         rollbacks = metrics[cat.SESSION_ROLLBACKS]
         self.rollbacks = {r: rollbacks.labels(db, r) for r in oc.ROLLBACK_REASONS}

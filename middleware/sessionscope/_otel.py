@@ -13,7 +13,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ._lifecycle import RequestSession
+    from ._record import SessionRecord
 
 SPAN_NAME = "db.session"
 
@@ -44,7 +44,7 @@ class SessionSpans:
             SPAN_NAME, kind=self._trace.SpanKind.INTERNAL, attributes={"db.session.name": db}
         )
 
-    def end(self, span: Any, rs: RequestSession) -> None:
+    def end(self, span: Any, rs: SessionRecord) -> None:
         """Record how the session ended and end its span."""
         attributes = {
             "db.session.outcome": rs.outcome or "unused",

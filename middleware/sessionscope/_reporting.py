@@ -1,4 +1,4 @@
-"""What happens to request sessions, as log events and Prometheus metrics.
+"""The reporter: the state machine's events fanned out to the observers, and the event log.
 
 The library never configures logging. Its events go where the application's own configuration
 sends them (asked at each event, so configuring logging after building the app works): to
@@ -29,11 +29,9 @@ from .errors import WithheldDatabaseError
 if TYPE_CHECKING:
     from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
-    from ._leaks import LeakRegistry, Suspect
-    from ._lifecycle import RequestSession
     from ._metrics import DbMetrics
     from ._otel import SessionSpans
-    from ._pool import PoolInstruments
+    from ._record import LeakSuspect, LeakTracker, PoolObserver, SessionRecord
 
 LOGGER_NAME: Final = "sessionscope"
 LEVELS: Final = {"debug": 10, "info": 20, "warning": 30, "error": 40}
@@ -178,12 +176,12 @@ class Reporter:
         name: str,
         closed_level: str | None = "debug",
         metrics: DbMetrics | None = None,
-        leaks: LeakRegistry | None = None,
+        leaks: LeakTracker | None = None,
     ) -> None:
         self.name = name
         self.metrics = metrics
         self.leaks = leaks
-        self.pool: PoolInstruments | None = None
+        self.pool: PoolObserver | None = None
         self.spans: SessionSpans | None = None
         self.routes = RouteLabels(None)
         """Route labels with their prefixes (the middleware points it at its application)."""
@@ -191,7 +189,7 @@ class Reporter:
         self._closed_level = None if closed_level is None else LEVELS[closed_level]
         self._correlation = correlation_id_source()
 
-    def fields(self, rs: RequestSession) -> dict[str, Any]:
+    def fields(self, rs: SessionRecord) -> dict[str, Any]:
         """The keys every event about ``rs`` carries."""
         scope = rs.scope
         if rs.request_id is None:
@@ -203,7 +201,7 @@ class Reporter:
             "request_id": rs.request_id,
         }
 
-    def opened(self, rs: RequestSession) -> None:
+    def opened(self, rs: SessionRecord) -> None:
         """A request created its session."""
         if self.spans is not None:
             rs.span = self.spans.start(self.name)
@@ -223,12 +221,12 @@ class Reporter:
         if metrics is not None:
             metrics.sessions.closed(metrics.route(route).sessions, outcome, seconds, None, None)
 
-    def rolled_back(self, rs: RequestSession, reason: str) -> None:
+    def rolled_back(self, rs: SessionRecord, reason: str) -> None:
         """A transaction of the request was rolled back for ``reason``."""
         if self.metrics is not None:
             self.metrics.rollback(reason)
 
-    def failed(self, rs: RequestSession, phase: str, exc: BaseException) -> None:
+    def failed(self, rs: SessionRecord, phase: str, exc: BaseException) -> None:
         """``commit``, ``rollback`` or ``close`` raised ``exc``: logged and counted, not raised."""
         if self.metrics is not None:
             self.metrics.error(phase, exc)
@@ -237,7 +235,7 @@ class Reporter:
             event, exc=exc, phase=phase, status=rs.status, **error_fields(exc), **self.fields(rs)
         )
 
-    def hook_failed(self, rs: RequestSession, hook: object, exc: BaseException) -> None:
+    def hook_failed(self, rs: SessionRecord, hook: object, exc: BaseException) -> None:
         """An after-commit hook raised: logged and counted; the request stays committed."""
         if self.metrics is not None:
             self.metrics.error("hook", exc)
@@ -250,7 +248,7 @@ class Reporter:
             **fields,
         )
 
-    def late_write(self, rs: RequestSession) -> None:
+    def late_write(self, rs: SessionRecord) -> None:
         """Writes made after the commit decision were not committed by the app."""
         self._log.warning(
             "db_session.late_write",
@@ -266,7 +264,7 @@ class Reporter:
             self.metrics.route(route).use_after_close.inc()
         self._log.warning("db_session.use_after_close", db=db, route=route, where=_caller_stack())
 
-    def pool_timeout(self, rs: RequestSession, exc: PoolTimeoutError) -> None:
+    def pool_timeout(self, rs: SessionRecord, exc: PoolTimeoutError) -> None:
         """A pool checkout timed out before the response started: the client gets 503.
 
         A timeout of the pool itself (not of the admission, counted already) is counted and
@@ -299,7 +297,7 @@ class Reporter:
         elif self.metrics is not None:
             self.metrics.pool_timeouts.inc()
 
-    def leak_suspected(self, suspect: Suspect) -> None:
+    def leak_suspected(self, suspect: LeakSuspect) -> None:
         """A session crossed the leak threshold (called from the sweep thread)."""
         rs = suspect.entry.rs
         if self.metrics is not None:
@@ -323,7 +321,7 @@ class Reporter:
         if self.pool is not None and self.pool.multiprocess:
             self.pool.refresh()  # no scrape-time reads across processes: resynchronise here
 
-    def closed(self, rs: RequestSession) -> None:
+    def closed(self, rs: SessionRecord) -> None:
         """The session is closed: count it (and its commit's duration), resolve a reported
         leak, emit the canonical event."""
         duration = rs.duration

@@ -1,16 +1,28 @@
-"""What every session's open and close add to the metrics.
+"""What every session's open and close add to the metrics: the one place they are recorded.
 
 A closed session changes seven series: its route's ``sessions_closed_total{outcome}``,
 ``session_held_seconds_total`` and ``statements_total``, and its database's
 ``session_duration_seconds{outcome}``, ``session_statements``,
-``session_commit_duration_seconds`` and ``sessions_open``. :meth:`SessionTotals.closed` updates
-them through prometheus_client's public ``inc``, ``dec`` and ``observe``, so a scrape sees every
-close made before it, in a single process and under multiprocess mode alike.
+``session_commit_duration_seconds`` and ``sessions_open``. :class:`RouteTotals` and
+:class:`SessionTotals` resolve their children from the catalogue themselves, and
+:meth:`SessionTotals.closed` updates them through prometheus_client's public ``inc``, ``dec``
+and ``observe``, so a scrape sees every close made before it, in a single process and under
+multiprocess mode alike. A new per-session metric is a catalogue entry plus its child here and
+its update in :meth:`SessionTotals.closed` (see the architecture page).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
+
+from . import _outcome as oc
+from . import catalogue as cat
+
+
+class Families(Protocol):
+    """The metric families of one registry and namespace, by catalogue entry."""
+
+    def __getitem__(self, metric: cat.Metric) -> Any: ...
 
 
 class RouteTotals:
@@ -18,10 +30,11 @@ class RouteTotals:
 
     __slots__ = ("held_child", "outcome_children", "stmt_child")
 
-    def __init__(self, closed: dict[str, Any], held: Any, statements: Any) -> None:
-        self.outcome_children = closed
-        self.held_child = held
-        self.stmt_child = statements
+    def __init__(self, families: Families, db: str, route: str) -> None:
+        closed = families[cat.SESSIONS_CLOSED]
+        self.outcome_children = {o: closed.labels(db, route, o) for o in oc.OUTCOMES}
+        self.held_child = families[cat.SESSION_HELD].labels(db, route)
+        self.stmt_child = families[cat.STATEMENTS].labels(db, route)
 
 
 class SessionTotals:
@@ -29,18 +42,12 @@ class SessionTotals:
 
     __slots__ = ("commit", "duration", "open_child", "statements")
 
-    def __init__(
-        self,
-        *,
-        open_gauge: Any,
-        duration: dict[str, Any],
-        statements: Any,
-        commit: Any,
-    ) -> None:
-        self.open_child = open_gauge
-        self.duration = duration
-        self.statements = statements
-        self.commit = commit
+    def __init__(self, families: Families, db: str) -> None:
+        self.open_child = families[cat.SESSIONS_OPEN].labels(db)
+        duration = families[cat.SESSION_DURATION]
+        self.duration = {o: duration.labels(db, o) for o in oc.OUTCOMES}
+        self.statements = families[cat.SESSION_STATEMENTS].labels(db)
+        self.commit = families[cat.SESSION_COMMIT_DURATION].labels(db)
 
     def opened(self) -> None:
         """A session was created."""

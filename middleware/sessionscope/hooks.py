@@ -13,19 +13,29 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio.to_thread
 
+from ._record import REQUEST_KEY
+from ._request_state import RequestState
 from .errors import SessionNotAvailableError
 
 if TYPE_CHECKING:
     from starlette.requests import HTTPConnection
 
-    from ._lifecycle import RequestSession
     from ._source import AnySession
 
 Hook = Callable[[], Any] | Callable[[], Awaitable[Any]]
+
+
+class _Hooked(Protocol):
+    """What :func:`on_commit` needs of a request session (the state machine satisfies it)."""
+
+    hooks: CommitHooks | None
+
+    @property
+    def started(self) -> bool: ...
 
 
 class CommitHooks:
@@ -37,15 +47,15 @@ class CommitHooks:
         self.before: list[Hook] = []
         self.after: list[Hook] = []
 
-    async def run(self, rs: RequestSession, hooks: list[Hook]) -> None:
-        """Run ``hooks``; failures are reported, never raised."""
+    async def run(self, hooks: list[Hook], failed: Callable[[Hook, BaseException], None]) -> None:
+        """Run ``hooks``; a failure is given to ``failed`` (which reports it), never raised."""
         for hook in hooks:
             try:
                 result = hook() if inspect.iscoroutinefunction(hook) else await _in_thread(hook)
                 if inspect.isawaitable(result):
                     await result
             except Exception as exc:
-                rs.settings.reporter.hook_failed(rs, hook, exc)
+                failed(hook, exc)
 
 
 async def _in_thread(hook: Hook) -> Any:
@@ -82,13 +92,10 @@ def on_commit(
     (hooks.after if after_response else hooks.before).append(callback)
 
 
-def _request_session(target: Any, name: str | None) -> RequestSession:
-    from ._lifecycle import REQUEST_KEY
-    from ._request_state import RequestState
-
+def _request_session(target: Any, name: str | None) -> _Hooked:
     info = getattr(target, "info", None)
     if isinstance(info, dict) and REQUEST_KEY in info:
-        rs: RequestSession = info[REQUEST_KEY]
+        rs: _Hooked = info[REQUEST_KEY]
         return rs
     scope = getattr(target, "scope", None)
     state = scope.get("state") if isinstance(scope, dict) else None

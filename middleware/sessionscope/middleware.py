@@ -19,20 +19,16 @@ from . import _statements as statements
 from ._leaks import LeakRegistry
 from ._lifecycle import RequestSession, SessionSettings
 from ._metrics import DEFAULT_MAX_ROUTES, Metrics
+from ._options import OWNER, MiddlewareOptions
 from ._otel import SessionSpans
 from ._policy import CommitPolicy, commit_below_400
 from ._pool import instrument_pool
-from ._reporting import LEVELS, Reporter
+from ._reporting import Reporter
 from ._request_context import RouteLabels
 from ._request_state import RequestState
 from ._session_calls import SessionCalls
 from ._slots import SessionSlots
-from ._source import (
-    SessionSource,
-    refuse_connection_per_thread,
-    replica_source,
-    resolve_source,
-)
+from ._source import SessionSource
 from ._statements import CURRENT
 from .catalogue import DEFAULT_NAMESPACE
 from .errors import ConfigurationError, MiddlewareOrderWarning, concurrent_use
@@ -40,7 +36,7 @@ from .errors import ConfigurationError, MiddlewareOrderWarning, concurrent_use
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
-_OWNER = "DBSessionMiddleware"
+_OWNER = OWNER
 _HOLDER_WORDS = ("gzip", "brotli", "zstd", "compress")
 """Class-name words of middlewares that hold the response start (compression)."""
 
@@ -105,110 +101,67 @@ class DBSessionMiddleware:
         read_only_methods: Iterable[str] = ("GET", "HEAD"),
         tracer_provider: Any = None,
     ) -> None:
-        source = resolve_source(
+        o = MiddlewareOptions(
             engine=engine,
-            sessionmaker_=sessionmaker,
-            async_sessionmaker_=async_sessionmaker,
-            owner=_OWNER,
+            sessionmaker=sessionmaker,
+            async_sessionmaker=async_sessionmaker,
+            name=name,
+            state_key=state_key,
+            commit_on=commit_on,
+            exclude_paths=exclude_paths,
+            metrics=metrics,
+            registry=registry,
+            namespace=namespace,
+            max_routes=max_routes,
+            leak_threshold=leak_threshold,
+            leak_exempt_routes=leak_exempt_routes,
+            closed_log_level=closed_log_level,
+            replica_engine=replica_engine,
+            read_only_methods=read_only_methods,
+            tracer_provider=tracer_provider,
         )
-        given = (
-            "engine"
-            if engine is not None
-            else "sessionmaker"
-            if sessionmaker is not None
-            else "async_sessionmaker"
-        )
-        refuse_connection_per_thread(source, option=given, owner=_OWNER)
-        if not callable(commit_on):
-            raise ConfigurationError(
-                f"{_OWNER}: commit_on must be a function of the status code returning True to "
-                f"commit (e.g. `lambda status: status < 400`), not {commit_on!r}."
-            )
-        for label, value in (("name", name), ("state_key", state_key)):
-            if not isinstance(value, str) or not value.isidentifier():
-                raise ConfigurationError(
-                    f"{_OWNER}: {label} must be a Python identifier, got {value!r}."
-                )
-        if isinstance(exclude_paths, str):
-            raise ConfigurationError(
-                f"{_OWNER}: exclude_paths must be a collection of paths, "
-                f"e.g. ({exclude_paths!r},), not a single string."
-            )
-        excluded = frozenset(exclude_paths)
-        if not all(isinstance(p, str) and p.startswith("/") for p in excluded):
-            raise ConfigurationError(
-                f"{_OWNER}: exclude_paths must be exact paths starting with '/', "
-                f"got {sorted(map(repr, excluded))}."
-            )
-        if closed_log_level is not None and closed_log_level not in LEVELS:
-            raise ConfigurationError(
-                f"{_OWNER}: closed_log_level must be one of {sorted(LEVELS)} or None, "
-                f"got {closed_log_level!r}."
-            )
-        if leak_threshold is not None and not (
-            isinstance(leak_threshold, int | float) and leak_threshold > 0
-        ):
-            raise ConfigurationError(
-                f"{_OWNER}: leak_threshold must be a positive number of seconds or None "
-                f"(detection off), got {leak_threshold!r}."
-            )
-        if isinstance(leak_exempt_routes, str):
-            raise ConfigurationError(
-                f"{_OWNER}: leak_exempt_routes must be a collection of route templates, "
-                f"e.g. ({leak_exempt_routes!r},), not a single string."
-            )
-        if not isinstance(max_routes, int) or max_routes < 1:
-            raise ConfigurationError(
-                f"{_OWNER}: max_routes must be a positive integer, got {max_routes!r}."
-            )
-        if isinstance(read_only_methods, str):
-            raise ConfigurationError(
-                f"{_OWNER}: read_only_methods must be a collection of HTTP methods, "
-                f"e.g. ({read_only_methods!r},), not a single string."
-            )
-        replica = (
-            None if replica_engine is None else replica_source(source, replica_engine, owner=_OWNER)
-        )
-        if replica is not None:
-            refuse_connection_per_thread(replica, option="replica_engine", owner=_OWNER)
-        _refuse_duplicates(app, name=name, state_key=state_key)
+        source, replica = o.source, o.replica
+        _refuse_duplicates(app, name=o.name, state_key=o.state_key)
         _warn_of_start_holders(app)
         self.app = app
-        self.name = name
-        self.state_key = state_key
-        self.exclude_paths = excluded
+        self.options = o
+        self.name = o.name
+        self.state_key = o.state_key
+        self.exclude_paths = o.excluded
         db_metrics = (
-            Metrics.on(registry, namespace).for_db(name, max_routes=max_routes) if metrics else None
+            Metrics.on(o.registry, o.namespace).for_db(o.name, max_routes=o.max_routes)
+            if o.metrics
+            else None
         )
-        reporter = Reporter(name=name, closed_level=closed_log_level, metrics=db_metrics)
-        reporter.spans = SessionSpans.create(tracer_provider)
+        reporter = Reporter(name=o.name, closed_level=o.closed_log_level, metrics=db_metrics)
+        reporter.spans = SessionSpans.create(o.tracer_provider)
         reporter.routes = RouteLabels(app)
-        if leak_threshold is not None:
+        if o.leak_threshold is not None:
             reporter.leaks = LeakRegistry(
-                threshold=float(leak_threshold),
-                exempt_routes=frozenset(leak_exempt_routes),
+                threshold=float(o.leak_threshold),
+                exempt_routes=o.leak_exempt,
                 on_suspect=reporter.leak_suspected,
                 on_sweep=reporter.swept,
                 route_of=reporter.routes.label,
             )
         if db_metrics is not None:
-            db_metrics.leak_threshold.set(leak_threshold or 0)
+            db_metrics.leak_threshold.set(o.leak_threshold or 0)
             if source.engine is not None:
-                reporter.pool = instrument_pool(source.engine, db_metrics.metrics, name)
+                reporter.pool = instrument_pool(source.engine, db_metrics.metrics, o.name)
             if replica is not None and replica.engine is not None:
-                instrument_pool(replica.engine, db_metrics.metrics, f"{name}_replica")
+                instrument_pool(replica.engine, db_metrics.metrics, f"{o.name}_replica")
         self.settings = SessionSettings(
-            name=name,
-            state_key=state_key,
+            name=o.name,
+            state_key=o.state_key,
             source=source,
-            commit_on=commit_on,
-            calls=SessionCalls(is_async=source.is_async, name=name),
+            commit_on=o.commit_on,
+            calls=SessionCalls(is_async=source.is_async, name=o.name),
             reporter=reporter,
             create_lock=threading.Lock(),
-            slots=_slots(source, name),
+            slots=_slots(source, o.name),
             replica=replica,
-            replica_slots=None if replica is None else _slots(replica, f"{name}_replica"),
-            read_only_methods=frozenset(m.upper() for m in read_only_methods),
+            replica_slots=None if replica is None else _slots(replica, f"{o.name}_replica"),
+            read_only_methods=o.read_only,
             gated=_runs_app_in_own_task(app),
         )
         self.settings.install_guard()
