@@ -122,7 +122,7 @@ class SessionSettings:
             if not event.contains(target, "after_transaction_create", _checkout_starts):
                 event.listen(target, "after_transaction_create", _checkout_starts)
                 event.listen(target, "after_begin", _checkout_done)
-                event.listen(target, "after_transaction_end", _checkout_abandoned)
+                event.listen(target, "after_transaction_end", _transaction_ended)
             track_connections(target)
 
     def refuse(self, matched: object) -> NoReturn:
@@ -443,6 +443,9 @@ class RequestSession(StatementTally):
 
     async def respond_unavailable(self, exc: PoolTimeoutError) -> None:
         """Answer ``503`` with ``Retry-After`` for a pool timeout before the response started."""
+        if self.session is not None:
+            # No longer pending (see _checkout_starts) when the timeout is counted and logged.
+            _checkout_abandoned(self.session.info)
         self.settings.reporter.pool_timeout(self, exc)
         self.phase = _DECIDED
         self.status = 503
@@ -589,14 +592,20 @@ def _checkout_done(session: Session, transaction: Any, connection: Any) -> None:
         reporter.slot_waited(perf_counter() - started)
 
 
-def _checkout_abandoned(session: Session, transaction: Any) -> None:
-    """The transaction ended without a connection (its checkout timed out or failed, or it
-    never needed one): no longer pending. A timeout is observed when the request answers 503
-    (:meth:`Reporter.pool_timeout`)."""
+def _transaction_ended(session: Session, transaction: Any) -> None:
+    """The transaction ended without a connection (its checkout failed, or it never needed
+    one): no longer pending."""
     if transaction.parent is None:
-        noted: tuple[Reporter, float] | None = session.info.pop(_CHECKOUT_STARTED, None)
-        if noted is not None:
-            noted[0].waiting(-1)
+        _checkout_abandoned(session.info)
+
+
+def _checkout_abandoned(info: dict[Any, Any]) -> None:
+    """The checkout counted by :func:`_checkout_starts` (if still pending) is given up: no
+    longer pending. A timeout is observed when the request answers 503
+    (:meth:`Reporter.pool_timeout`)."""
+    noted: tuple[Reporter, float] | None = info.pop(_CHECKOUT_STARTED, None)
+    if noted is not None:
+        noted[0].waiting(-1)
 
 
 def _refuse_if_closed(session: Session, transaction: Any) -> None:
