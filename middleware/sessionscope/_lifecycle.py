@@ -56,6 +56,7 @@ if TYPE_CHECKING:
 
     from ._reporting import Reporter
 
+_CHECKOUT_STARTED: Final = "sessionscope.checkout_started"
 IDLE_WAIT_SECONDS: Final = 30.0
 """How long closing a request session waits for another task or thread to stop using it."""
 _CLOSED_BY: Final = "sessionscope.closed_by"
@@ -117,6 +118,10 @@ class SessionSettings:
             ):
                 event.listen(target, "after_transaction_create", _admit_late)
                 event.listen(target, "after_transaction_end", _release_late)
+            if not event.contains(target, "after_transaction_create", _checkout_starts):
+                event.listen(target, "after_transaction_create", _checkout_starts)
+                event.listen(target, "after_begin", _checkout_done)
+                event.listen(target, "after_transaction_end", _transaction_ended)
             track_connections(target)
 
     def refuse(self, matched: object) -> NoReturn:
@@ -466,6 +471,9 @@ class RequestSession(StatementTally):
     def unavailable(self, exc: PoolTimeoutError) -> None:
         """A pool timeout before the response started: reported, and the status is ``503``
         (the session, closed next, is rolled back for ``pool_timeout``)."""
+        if self.session is not None:
+            # No longer pending (see _checkout_starts) when the timeout is counted and logged.
+            _checkout_abandoned(self.session.info)
         self.settings.reporter.pool_timeout(self, exc)
         self.status = 503
 
@@ -589,6 +597,51 @@ def _release_late(session: Session, transaction: Any) -> None:
         and transaction.parent is None
     ):
         request.release_late()
+
+
+def _checkout_starts(session: Session, transaction: Any) -> None:
+    """A request's session began its outermost transaction without a pool slot to wait for
+    (async engines, pools sessionscope does not bound): it is about to ask the pool for a
+    connection. Counted as pending until ``after_begin`` (:func:`_checkout_done`).
+
+    SQLAlchemy has no public event at the start of a checkout; the transaction is created at
+    the session's first use, just before its first connection is asked for. The wait measured
+    includes opening a new connection when the pool has to, and, for a session whose first use
+    is ``add()``, the time until its first flush or statement.
+    """
+    if transaction.parent is not None:
+        return
+    request: RequestSession | None = session.info.get(REQUEST_KEY)
+    if request is not None and request.slots is None:
+        reporter = request.settings.reporter
+        session.info[_CHECKOUT_STARTED] = (reporter, perf_counter())
+        reporter.waiting(+1)
+
+
+def _checkout_done(session: Session, transaction: Any, connection: Any) -> None:
+    """The first connection of the transaction counted by :func:`_checkout_starts` is
+    checked out and begun: no longer pending, and its wait observed."""
+    noted: tuple[Reporter, float] | None = session.info.pop(_CHECKOUT_STARTED, None)
+    if noted is not None:
+        reporter, started = noted
+        reporter.waiting(-1)
+        reporter.slot_waited(perf_counter() - started)
+
+
+def _transaction_ended(session: Session, transaction: Any) -> None:
+    """The transaction ended without a connection (its checkout failed, or it never needed
+    one): no longer pending."""
+    if transaction.parent is None:
+        _checkout_abandoned(session.info)
+
+
+def _checkout_abandoned(info: dict[Any, Any]) -> None:
+    """The checkout counted by :func:`_checkout_starts` (if still pending) is given up: no
+    longer pending. A timeout is observed when the request answers 503
+    (:meth:`Reporter.pool_timeout`)."""
+    noted: tuple[Reporter, float] | None = info.pop(_CHECKOUT_STARTED, None)
+    if noted is not None:
+        noted[0].waiting(-1)
 
 
 def _refuse_if_closed(session: Session, transaction: Any) -> None:

@@ -15,7 +15,9 @@
   count what sessionscope itself waits for before it lets a request check out (the admission of
   :mod:`.slots`, through :meth:`PoolInstruments.observe_wait` and
   :meth:`PoolInstruments.record_timeout`, which also logs a ``db_pool.timeout`` error event with
-  the pool's state). A checkout that waits inside the pool itself is not measured.
+  the pool's state). Request sessions without admission (async engines) count their wait inside
+  the pool from their first transaction to its first connection, through session events
+  (:mod:`._lifecycle`), reported by the same methods. Other checkouts are not measured.
 * **connection churn** ``pool_use_seconds`` (from the ``checkout`` event to the ``checkin``
   event), ``pool_connect_seconds``, ``pool_connections_created_total``,
   ``pool_connections_closed_total`` and ``pool_connections_invalidated_total{kind}``, from pool
@@ -165,7 +167,7 @@ class PoolInstruments:
             event.listen(engine, "checkin", self._set_on_checkin)
 
     def observe_wait(self, waited: float) -> None:
-        """Record a wait for a connection that happened before the pool was asked (admission)."""
+        """Record a request's wait for a connection (admission, or the pool's checkout)."""
         self._wait.observe(waited)
 
     def record_timeout(self, waited: float) -> None:
