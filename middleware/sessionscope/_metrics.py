@@ -17,7 +17,7 @@ import threading
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Final, cast
+from typing import Any, Final, Generic, TypeVar, cast
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
@@ -154,9 +154,43 @@ def error_type(exc: BaseException) -> str:
 
 
 _ERROR_TYPES: Final = frozenset(cat.ERROR_TYPES)
+_Child = TypeVar("_Child")
 
 
-class CountedHistogram(Collector):
+class _CountedFamily(Collector, Generic[_Child]):
+    """A family of children kept as plain numbers, one per label set, registered on
+    ``registry``; :class:`CountedHistogram` and :class:`CountedCounter` say how they export."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        registry: CollectorRegistry,
+        new_child: Callable[[], _Child],
+    ) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._labelnames = tuple(labelnames)
+        self._new_child = new_child
+        self._children: dict[tuple[str, ...], _Child] = {}
+        self._lock = threading.Lock()
+        self._created = os.environ.get(_CREATED_OFF_ENV, "false").lower() != "true"
+        registry.register(self)
+
+    def labels(self, *values: str) -> _Child:
+        """The child of the label ``values`` (in the order of the label names)."""
+        key = tuple(str(v) for v in values)
+        if len(key) != len(self._labelnames):
+            raise ValueError(f"{self._name}: expected labels {self._labelnames}, got {key}")
+        with self._lock:
+            child = self._children.get(key)
+            if child is None:
+                child = self._children[key] = self._new_child()
+            return child
+
+
+class CountedHistogram(_CountedFamily["HistogramChild"]):
     """A histogram family that keeps its counts as plain numbers and exports them through
     prometheus_client's public collector interface (``collect()``).
 
@@ -178,27 +212,10 @@ class CountedHistogram(Collector):
         bounds = [float(b) for b in buckets]
         if not bounds or bounds[-1] != math.inf:
             bounds.append(math.inf)
-        self._name = name
-        self._documentation = documentation
-        self._labelnames = tuple(labelnames)
         self._bounds = bounds
         le: Callable[[float], str] = floatToGoString  # untyped in prometheus_client
         self._les = [le(b) for b in bounds]
-        self._children: dict[tuple[str, ...], HistogramChild] = {}
-        self._lock = threading.Lock()
-        self._created = os.environ.get(_CREATED_OFF_ENV, "false").lower() != "true"
-        registry.register(self)
-
-    def labels(self, *values: str) -> HistogramChild:
-        """The child of the label ``values`` (in the order of the label names)."""
-        key = tuple(str(v) for v in values)
-        if len(key) != len(self._labelnames):
-            raise ValueError(f"{self._name}: expected labels {self._labelnames}, got {key}")
-        with self._lock:
-            child = self._children.get(key)
-            if child is None:
-                child = self._children[key] = HistogramChild(self._bounds)
-            return child
+        super().__init__(name, documentation, labelnames, registry, lambda: HistogramChild(bounds))
 
     def describe(self) -> Iterable[Metric]:
         return [HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)]
@@ -246,7 +263,7 @@ class HistogramChild:
             return list(self._counts), self._total, self._created
 
 
-class CountedCounter(Collector):
+class CountedCounter(_CountedFamily["CounterChild"]):
     """A counter family that keeps its values as plain numbers and exports them through
     prometheus_client's public collector interface, with the same samples as a ``Counter``;
     in a single process only (see :class:`CountedHistogram`)."""
@@ -254,24 +271,7 @@ class CountedCounter(Collector):
     def __init__(
         self, name: str, documentation: str, labelnames: Sequence[str], registry: CollectorRegistry
     ) -> None:
-        self._name = name
-        self._documentation = documentation
-        self._labelnames = tuple(labelnames)
-        self._children: dict[tuple[str, ...], CounterChild] = {}
-        self._lock = threading.Lock()
-        self._created = os.environ.get(_CREATED_OFF_ENV, "false").lower() != "true"
-        registry.register(self)
-
-    def labels(self, *values: str) -> CounterChild:
-        """The child of the label ``values`` (in the order of the label names)."""
-        key = tuple(str(v) for v in values)
-        if len(key) != len(self._labelnames):
-            raise ValueError(f"{self._name}: expected labels {self._labelnames}, got {key}")
-        with self._lock:
-            child = self._children.get(key)
-            if child is None:
-                child = self._children[key] = CounterChild()
-            return child
+        super().__init__(name, documentation, labelnames, registry, CounterChild)
 
     def describe(self) -> Iterable[Metric]:
         return [CounterMetricFamily(self._name, self._documentation, labels=self._labelnames)]
