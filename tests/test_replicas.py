@@ -165,12 +165,19 @@ BYPASSES = {
 }
 
 
-@pytest.mark.parametrize("statement", sorted(BYPASSES))
+@pytest.mark.parametrize(
+    ("backend", "statement"),
+    [
+        pytest.param(kind, statement, id=f"{kind}-{statement}")
+        for kind in BACKENDS
+        for statement in sorted(BYPASSES)
+        if not (kind.startswith("sqlite") and statement.startswith("cte"))  # no such WITH there
+    ],
+    indirect=["backend"],
+)
 async def test_the_database_refuses_every_write_of_a_read_only_request(
     backend: Backend, statement: str
 ) -> None:
-    if backend.id.startswith("sqlite") and statement.startswith("cte"):
-        pytest.skip("SQLite has no data-modifying WITH clauses")
     with backend.check.begin() as conn:
         conn.execute(items.insert().values(name="kept"))
     # The same database as 'replica': what is tested is the guard, not the routing.
