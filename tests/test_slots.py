@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 from typing import Any
 
@@ -247,3 +248,37 @@ async def _late_use(scope: Any, receive: Any, send: Any) -> None:
     third = await anyio.to_thread.run_sync(read, 3)
     note()
     await send({"type": "http.response.body", "body": third})
+
+
+async def test_a_sessionmaker_created_where_a_freed_one_was_still_gets_its_sessions_guarded(
+    tmp_path: Any,
+) -> None:
+    # SQLAlchemy remembers class-level listeners by the id() of what was listened to: a new
+    # sessionmaker at a freed one's address looked as if it had them, and its sessions took
+    # no slot after the decision (seen as a flaky failure of the test above).
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'slots.db'}", pool_size=2, max_overflow=0)
+    try:
+        freed = [sa.orm.sessionmaker(engine) for _ in range(200)]
+        for factory in freed:
+            DBSessionMiddleware(_late_use, sessionmaker=factory, registry=CollectorRegistry())
+        freed_at = {id(factory) for factory in freed}
+        del freed, factory
+        gc.collect()
+        created = [sa.orm.sessionmaker(engine) for _ in range(200)]
+        at_freed_addresses = [f for f in created if id(f) in freed_at]
+        assert at_freed_addresses, "no sessionmaker was created at a freed one's address"
+        for factory in at_freed_addresses[:5]:
+            middleware = DBSessionMiddleware(
+                _late_use, sessionmaker=factory, registry=CollectorRegistry()
+            )
+            assert middleware.settings.slots is not None
+            slots = middleware.settings.slots.here()
+            in_use: list[int] = []
+            scope = http_scope()
+            scope["slots in use"] = lambda: in_use.append(slots._in_use)  # noqa: B023
+            ex = await request(middleware, scope=scope)
+            assert (ex.status, ex.body) == (200, b"1;2;3")
+            assert in_use == [1, 0, 1, 0, 1]
+        assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    finally:
+        engine.dispose()

@@ -44,7 +44,12 @@ from ._record import REQUEST_KEY
 from ._request_context import route_template
 from ._request_state import RequestState
 from ._responses import error_response
-from ._session_calls import SessionCalls, track_connections, transaction_connections
+from ._session_calls import (
+    SessionCalls,
+    install_connection_listener,
+    track_connections,
+    transaction_connections,
+)
 from ._slots import LoopSlots, SessionSlots
 from ._source import AnySession, SessionSource
 from ._statements import StatementTally
@@ -101,28 +106,6 @@ class SessionSettings:
     gated: bool = False
     """Hold statements back while the decision runs (a middleware inside runs the application
     in a task of its own: see :mod:`sessionscope._decision_gate`)."""
-
-    def install_guard(self) -> None:
-        """Make sessions from these sources refuse to start a transaction once closed, and
-        take a pool slot again for one begun after the decision (sources with slots)."""
-        for source, slots in ((self.source, self.slots), (self.replica, self.replica_slots)):
-            if source is None:
-                continue
-            target: Any = source.factory
-            if source.is_async:
-                target = target.kw.get("sync_session_class") or target.class_.sync_session_class
-            if not event.contains(target, "after_transaction_create", _refuse_if_closed):
-                event.listen(target, "after_transaction_create", _refuse_if_closed)
-            if slots is not None and not event.contains(
-                target, "after_transaction_create", _admit_late
-            ):
-                event.listen(target, "after_transaction_create", _admit_late)
-                event.listen(target, "after_transaction_end", _release_late)
-            if not event.contains(target, "after_transaction_create", _checkout_starts):
-                event.listen(target, "after_transaction_create", _checkout_starts)
-                event.listen(target, "after_begin", _checkout_done)
-                event.listen(target, "after_transaction_end", _transaction_ended)
-            track_connections(target)
 
     def refuse(self, matched: object) -> NoReturn:
         """Raise for a request that asks for its session after it finished (``matched``: its
@@ -207,6 +190,7 @@ class RequestSession(StatementTally):
                     raise closed_error(self.settings, route_template(self.scope), "requested")
                 session = self.source.new_session()
                 session.info[REQUEST_KEY] = self
+                track_connections(session)
                 if self.settings.gated:
                     self.gate = DecisionGate(self.loop_thread, is_async=self.source.is_async)
                     self.gate.watch(session)
@@ -649,3 +633,30 @@ def _refuse_if_closed(session: Session, transaction: Any) -> None:
     if closed_by is not None and transaction.parent is None:
         settings, matched = closed_by
         raise closed_error(settings, route_template({"route": matched}), "used")
+
+
+_SESSION_LISTENERS: Final[tuple[tuple[str, Callable[..., None]], ...]] = (
+    ("after_transaction_create", _refuse_if_closed),
+    ("after_transaction_create", _admit_late),
+    ("after_transaction_create", _checkout_starts),
+    ("after_begin", _checkout_done),
+    ("after_transaction_end", _release_late),
+    ("after_transaction_end", _transaction_ended),
+)
+
+
+def install_session_listeners() -> None:
+    """Listen to the events request sessions rely on: a closed session refuses to begin a
+    transaction, a transaction begun after the decision takes a pool slot again, and a
+    first checkout counts as pending. Idempotent.
+
+    The listeners are on SQLAlchemy's ``Session`` class, which every session class derives
+    from, and act only on sessions whose ``info`` marks them as request sessions. Not on the
+    ``sessionmaker``: SQLAlchemy remembers a class-level listener by the ``id()`` of what was
+    listened to and never forgets it, so ``event.contains`` answers yes for a new
+    ``sessionmaker`` created where a freed one was, and its sessions would go unguarded.
+    """
+    for identifier, listener in _SESSION_LISTENERS:
+        if not event.contains(Session, identifier, listener):
+            event.listen(Session, identifier, listener)
+    install_connection_listener()

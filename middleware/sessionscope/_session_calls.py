@@ -77,11 +77,18 @@ class SessionCalls:
             return limiter
 
 
-def track_connections(target: Any) -> None:
-    """Make the sessions of ``target`` (a session class or ``sessionmaker``) note the
-    connections their transactions begin, for :func:`transaction_connections`; idempotent."""
-    if not event.contains(target, "after_begin", _began):
-        event.listen(target, "after_begin", _began)
+def install_connection_listener() -> None:
+    """Listen to every session's ``after_begin`` (on SQLAlchemy's ``Session`` class, see
+    :func:`sessionscope._lifecycle.install_session_listeners`), noting the connections of
+    sessions given to :func:`track_connections`; idempotent."""
+    if not event.contains(Session, "after_begin", _began):
+        event.listen(Session, "after_begin", _began)
+
+
+def track_connections(session: AnySession) -> None:
+    """Make ``session`` note the connections its transactions begin, for
+    :func:`transaction_connections` (after :func:`install_connection_listener`)."""
+    session.info[_CONNECTIONS] = None
 
 
 def _began(session: Session, transaction: SessionTransaction, connection: Connection) -> None:
@@ -89,7 +96,9 @@ def _began(session: Session, transaction: SessionTransaction, connection: Connec
     if transaction.parent is not None:
         return
     info = session.info
-    noted: tuple[SessionTransaction, list[Connection]] | None = info.get(_CONNECTIONS)
+    if _CONNECTIONS not in info:
+        return  # not a session of sessionscope's
+    noted: tuple[SessionTransaction, list[Connection]] | None = info[_CONNECTIONS]
     if noted is not None and noted[0] is transaction:
         noted[1].append(connection)
     else:
@@ -98,14 +107,15 @@ def _began(session: Session, transaction: SessionTransaction, connection: Connec
 
 def transaction_connections(session: Session) -> list[Connection] | None:
     """The connections the session's current transaction has begun (empty: none yet);
-    ``None`` when the session's class was not given to :func:`track_connections`."""
+    ``None`` when the session was not given to :func:`track_connections`."""
+    info = session.info
+    if _CONNECTIONS not in info:
+        return None
     transaction = session.get_transaction()
     if transaction is None:
         return []
-    noted: tuple[SessionTransaction, list[Connection]] | None = session.info.get(_CONNECTIONS)
-    if noted is None:
-        return [] if event.contains(type(session), "after_begin", _began) else None
-    return noted[1] if noted[0] is transaction else []
+    noted: tuple[SessionTransaction, list[Connection]] | None = info[_CONNECTIONS]
+    return noted[1] if noted is not None and noted[0] is transaction else []
 
 
 def ends_without_io(session: Session) -> bool:

@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import _statements as statements
 from ._leaks import LeakRegistry
-from ._lifecycle import RequestSession, SessionSettings
+from ._lifecycle import RequestSession, SessionSettings, install_session_listeners
 from ._metrics import DEFAULT_MAX_ROUTES, Metrics
 from ._options import OWNER, MiddlewareOptions
 from ._otel import SessionSpans
@@ -164,7 +164,7 @@ class DBSessionMiddleware:
             read_only_methods=o.read_only,
             gated=_runs_app_in_own_task(app),
         )
-        self.settings.install_guard()
+        install_session_listeners()
         for each in (source, replica):
             if each is not None and each.engine is not None:
                 statements.install(each.engine)
