@@ -15,6 +15,7 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
+from . import before_after
 from . import contenders as c
 from .e2e import E2ESettings
 from .inprocess import RunSettings, run_inprocess
@@ -23,7 +24,7 @@ from .logging_setup import configure_production_logging
 from .machine import describe
 from .overhead import OverheadSettings
 from .report import comparison_table, render, targets_table, verdicts
-from .results import dump_measurements
+from .results import Results, dump_measurements
 from .rss import measure_rss
 from .scaling import ScalingSettings
 from .scenarios import BY_KEY as SCENARIOS_BY_KEY
@@ -89,6 +90,19 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", type=int, help="rss: requests before the first reading")
     parser.add_argument(
         "--output", type=Path, default=HERE / "RESULTS.md", help="where `all` writes Markdown"
+    )
+    parser.add_argument(
+        "--headline", type=Path, help="all: save the figures the targets judge here (JSON)"
+    )
+    parser.add_argument(
+        "--before",
+        type=Path,
+        default=os.environ.get("BENCH_BEFORE"),
+        help="all: a --headline file of an earlier run, compared with this one in RESULTS.md "
+        "(env BENCH_BEFORE)",
+    )
+    parser.add_argument(
+        "--label", default="this run", help="all: this run's name in the before/after table"
     )
     return parser
 
@@ -165,14 +179,34 @@ def _all(args: argparse.Namespace, counts: dict[str, float]) -> None:
         rss_checkpoint=int(counts["rss_checkpoint"]),
         extra_python=args.extra_python,
         skip=frozenset(s for s in args.skip.split(",") if s),
+        contenders=frozenset(args.contenders.split(",")) if args.contenders else None,
     )
     results = run_suite(settings)
     found = verdicts(results)
-    args.output.write_text(render(results, found=found))
+    if args.headline:
+        before_after.save(results, args.label, args.headline)
+    compared = None
+    if args.before:
+        compared = _before_after_text(before_after.load(args.before), results, args.label)
+    args.output.write_text(render(results, found=found, before_after=compared))
     print(comparison_table(results))
     print()
     print(targets_table(found))
     print(f"\nwritten to {args.output}")
+
+
+def _before_after_text(before: before_after.Headline, results: Results, label: str) -> str:
+    return f"""## Before and after
+
+The figures the targets judge, from an earlier run (`--before`, {before["label"]}) and from
+this one ({label}), each a ratio to a contender of its own run or an instruction count, so the
+machine's drift between the two runs cuts out. The targets are judged on this run. An
+instruction count's change is what the earlier code's way of doing that work cost or saved per
+request.
+
+{before_after.section(before, results, label)}
+
+"""
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -49,7 +49,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     from .driver import AsgiDriver
@@ -252,11 +252,24 @@ def _per_request(
 
 def _hold_still() -> None:
     """No work per wall-clock second during the count (see the module docstring)."""
-    from sessionscope import _leaks as leaks
-    from sessionscope import _reporting as reporting
+    import importlib
 
-    reporting.LEVEL_RECHECK = float("inf")  # type: ignore[misc]
-    leaks.LeakRegistry._start = lambda self: None  # type: ignore[method-assign]
+    def module(name: str) -> Any:
+        # Internal modules are _-prefixed since the public-APIs round; earlier releases are
+        # counted too (the before/after comparison), with their once-a-second metric flush.
+        try:
+            return importlib.import_module(f"sessionscope._{name}")
+        except ImportError:
+            return importlib.import_module(f"sessionscope.{name}")
+
+    module("reporting").LEVEL_RECHECK = float("inf")
+    module("leaks").LeakRegistry._start = lambda self: None
+    try:
+        batch = importlib.import_module("sessionscope.metric_batch")
+    except ImportError:
+        pass  # no batching: metrics are updated as each request ends
+    else:
+        batch.MetricBatch.__init__.__kwdefaults__["interval"] = float("inf")
 
 
 async def _serve(observed: bool, requests: int, warmup: int) -> None:

@@ -46,6 +46,8 @@ class SuiteSettings:
     rss_checkpoint: int
     extra_python: str | None
     skip: frozenset[str]
+    contenders: frozenset[str] | None = None
+    """Measure only these contenders in process (``None``: every one)."""
 
 
 COUNTED_CONTENDERS = ("get_db", "ss_on", "ss_off", "ss_state")
@@ -124,7 +126,13 @@ def run_suite(settings: SuiteSettings) -> Results:
         work = Path(tmp)
         _log("in process: every contender, every scenario")
         results.inprocess, results.skipped = asyncio.run(
-            run_inprocess(c.ALL, SCENARIOS, settings.run, work, use_postgres=has_pg)
+            run_inprocess(
+                [x for x in c.ALL if settings.contenders is None or x.key in settings.contenders],
+                SCENARIOS,
+                settings.run,
+                work,
+                use_postgres=has_pg,
+            )
         )
         if "extra" not in settings.skip and settings.extra_python:
             _log(f"in process, extra venv ({settings.extra_python})")

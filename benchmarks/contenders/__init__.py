@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .base import Built, Contender, Mode, Target
-from .baseline import BARE, GET_DB, GET_DB_FUNCTION, depends_supports_scope
+from .baseline import BARE, GET_DB, GET_DB_AA, GET_DB_FUNCTION, depends_supports_scope
 from .peer_advanced_alchemy import ADVANCED_ALCHEMY
 from .peer_fastapi_async_sqlalchemy import FASTAPI_ASYNC_SQLALCHEMY
 from .peer_fastapi_sqla import FASTAPI_SQLA
@@ -18,6 +18,7 @@ from .sessionscope_app import (
 ALL: tuple[Contender, ...] = (
     BARE,
     GET_DB,
+    GET_DB_AA,
     GET_DB_FUNCTION,
     SESSIONSCOPE_ON,
     SESSIONSCOPE_OFF,

@@ -96,6 +96,14 @@ GET_DB = Contender(
     note="tutorial pattern: yield dependency closes, the route commits",
     scaling=True,
 )
+GET_DB_AA = Contender(
+    key="get_db_aa",
+    label="Depends(get_db), second copy (A/A)",
+    modes=frozenset({"sync", "async"}),
+    build=_get_db_builder(None),
+    note="the same code as Depends(get_db), built and measured as another contender: how far "
+    "two identical contenders land apart in this run (the noise band)",
+)
 GET_DB_FUNCTION = Contender(
     key="get_db_fn",
     label='Depends(get_db, scope="function")',
