@@ -79,8 +79,9 @@ def _parser() -> argparse.ArgumentParser:
         "--skip",
         default=os.environ.get("BENCH_SKIP", ""),
         help=(
-            "comma-separated parts to skip: extra, overhead, instructions, nodb-instructions, "
-            "pg-instructions, scaling, scaling-instructions, rss, e2e (env BENCH_SKIP)"
+            "comma-separated parts to skip: inprocess, extra, overhead, instructions, "
+            "nodb-instructions, pg-instructions, scaling, scaling-instructions, rss, e2e "
+            "(env BENCH_SKIP)"
         ),
     )
     parser.add_argument("--contenders", help="inprocess: comma-separated contender keys")

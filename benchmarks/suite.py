@@ -124,16 +124,21 @@ def run_suite(settings: SuiteSettings) -> Results:
     results.postgres_version = postgres_version(pg.sync) if has_pg else None
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         work = Path(tmp)
-        _log("in process: every contender, every scenario")
-        results.inprocess, results.skipped = asyncio.run(
-            run_inprocess(
-                [x for x in c.ALL if settings.contenders is None or x.key in settings.contenders],
-                SCENARIOS,
-                settings.run,
-                work,
-                use_postgres=has_pg,
+        if "inprocess" not in settings.skip:
+            _log("in process: every contender, every scenario")
+            results.inprocess, results.skipped = asyncio.run(
+                run_inprocess(
+                    [
+                        x
+                        for x in c.ALL
+                        if settings.contenders is None or x.key in settings.contenders
+                    ],
+                    SCENARIOS,
+                    settings.run,
+                    work,
+                    use_postgres=has_pg,
+                )
             )
-        )
         if "extra" not in settings.skip and settings.extra_python:
             _log(f"in process, extra venv ({settings.extra_python})")
             extra, _skipped, extra_machine = load_measurements(
